@@ -1,0 +1,91 @@
+"""Cutting a large frame into model-size tiles with overlap, and stitching the score maps back.
+
+Serves every method, in the agent, in calibration and in evaluation. Tiles are produced
+lazily in batches, so memory stays bounded by one batch of tiles plus the frame-size map.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterator, Literal
+
+import cv2
+import numpy as np
+
+
+@dataclass
+class TilingConfig:
+    enabled: bool = False     # False: the whole frame is resized to the model input
+    overlap: float = 0.25     # share of a tile shared with its neighbour
+    scale: float = 1.0        # frame is resized by this factor before tiling
+    stats: Literal["shared", "per_position"] = "shared"  # textures: shared; aligned parts: per tile position
+
+
+@dataclass(frozen=True)
+class TileGrid:
+    """Tile origins for a frame of ``height`` x ``width`` (after scaling and padding)."""
+
+    height: int
+    width: int
+    tile_h: int
+    tile_w: int
+    origins: tuple[tuple[int, int], ...]
+
+    def __len__(self) -> int:
+        return len(self.origins)
+
+
+def _starts(length: int, tile: int, overlap: float) -> list[int]:
+    if length <= tile:
+        return [0]
+    step = max(1, int(round(tile * (1.0 - overlap))))
+    n = math.ceil((length - tile) / step) + 1
+    # Spread the tiles evenly so the last one ends exactly at the border.
+    return [round(i * (length - tile) / (n - 1)) for i in range(n)]
+
+
+def make_grid(frame_hw: tuple[int, int], tile_hw: tuple[int, int], cfg: TilingConfig) -> TileGrid:
+    h = max(int(round(frame_hw[0] * cfg.scale)), tile_hw[0])
+    w = max(int(round(frame_hw[1] * cfg.scale)), tile_hw[1])
+    origins = tuple((y, x) for y in _starts(h, tile_hw[0], cfg.overlap) for x in _starts(w, tile_hw[1], cfg.overlap))
+    return TileGrid(h, w, tile_hw[0], tile_hw[1], origins)
+
+
+def prepare_frame(image: np.ndarray, grid: TileGrid, scale: float) -> np.ndarray:
+    """Scale the frame and pad it (reflect) up to the grid size when smaller than a tile."""
+    if scale != 1.0:
+        image = cv2.resize(image, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    ph, pw = grid.height - image.shape[0], grid.width - image.shape[1]
+    if ph > 0 or pw > 0:
+        image = cv2.copyMakeBorder(image, 0, max(ph, 0), 0, max(pw, 0), cv2.BORDER_REFLECT_101)
+    return image
+
+
+def iter_tiles(image: np.ndarray, grid: TileGrid, batch: int) -> Iterator[tuple[list[int], list[np.ndarray]]]:
+    """Yield (tile indices, tile images) in batches; tiles are views, not copies."""
+    for i in range(0, len(grid), batch):
+        idx = list(range(i, min(i + batch, len(grid))))
+        yield idx, [image[y:y + grid.tile_h, x:x + grid.tile_w] for (y, x) in (grid.origins[j] for j in idx)]
+
+
+class Stitcher:
+    """Averages overlapping tile maps into one frame map."""
+
+    def __init__(self, grid: TileGrid) -> None:
+        self.grid = grid
+        self.acc = np.zeros((grid.height, grid.width), np.float32)
+        self.weight = np.zeros((grid.height, grid.width), np.float32)
+
+    def add(self, index: int, tile_map: np.ndarray) -> None:
+        y, x = self.grid.origins[index]
+        self.acc[y:y + self.grid.tile_h, x:x + self.grid.tile_w] += tile_map
+        self.weight[y:y + self.grid.tile_h, x:x + self.grid.tile_w] += 1.0
+
+    def result(self, frame_hw: tuple[int, int], scale: float) -> np.ndarray:
+        """The stitched map cropped to the scaled frame and resized back to the frame size."""
+        out = self.acc / np.maximum(self.weight, 1.0)
+        sh, sw = int(round(frame_hw[0] * scale)), int(round(frame_hw[1] * scale))
+        out = out[:sh, :sw]
+        if out.shape != tuple(frame_hw):
+            out = cv2.resize(out, (frame_hw[1], frame_hw[0]), interpolation=cv2.INTER_LINEAR)
+        return out

@@ -1,0 +1,142 @@
+"""From images to anomaly maps: preprocessing, engine, head, upsampling, blur and tiling.
+
+Everything a frame needs that does not depend on the frame (head statistics on the device,
+normalisation constants, the blur kernel, the tile grid for a frame size) is prepared once
+here, at start-up, not per frame.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from agent.tiling import Stitcher, TileGrid, TilingConfig, iter_tiles, make_grid, prepare_frame
+from engines.bundle import Bundle
+from engines.heads import build_head
+from engines.runtimes.base import Backend
+
+
+@dataclass
+class FrameScore:
+    map: np.ndarray                 # float32 anomaly map at the frame's size
+    score: float                    # image score: the map's maximum
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, int(math.ceil(4 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-(x ** 2) / (2 * sigma ** 2))
+    return k / k.sum()
+
+
+class Scorer:
+    def __init__(self, bundle: Bundle, backend: Backend, batch_size: int = 8) -> None:
+        m = bundle.manifest
+        self.bundle, self.backend, self.batch_size = bundle, backend, batch_size
+        self.device = backend.device
+        self.input_hw = m.input_hw
+        self.head = build_head(m.method, m.head, bundle.head_tensors()).to(self.device)
+        self.mean = torch.tensor(m.input["mean"], dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self.std = torch.tensor(m.input["std"], dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        sigma = float(m.postprocess.get("blur_sigma", 0.0))
+        self.kernel = gaussian_kernel(sigma).to(self.device) if sigma > 0 else None
+        self.tiling = TilingConfig(**m.tiling)
+        self._grid = lru_cache(maxsize=8)(self._make_grid)
+
+    def _make_grid(self, frame_hw: tuple[int, int]) -> TileGrid:
+        return make_grid(frame_hw, self.input_hw, self.tiling)
+
+    def preprocess(self, images: list[np.ndarray]) -> torch.Tensor:
+        """Model-size BGR or grey uint8 images -> normalised RGB float batch on the device."""
+        arr = np.stack([img if img.ndim == 3 else cv2.cvtColor(img, cv2.COLOR_GRAY2BGR) for img in images])
+        # Upload uint8 (4x less traffic than float), convert on the device.
+        x = torch.from_numpy(arr).to(self.device, non_blocking=True).permute(0, 3, 1, 2).flip(1).float()
+        return (x - self.mean) / self.std
+
+    @torch.inference_mode()
+    def maps(self, x: torch.Tensor, timings: dict[str, float] | None = None) -> torch.Tensor:
+        """Normalised batch -> blurred anomaly maps (B, H, W) at input size, on the device."""
+        t = _Clock(self.device, timings)
+        outputs = self.backend.run(x)
+        t.lap("network")
+        raw = self.head(outputs, x)
+        t.lap("head")
+        up = F.interpolate(raw[:, None], size=self.input_hw, mode="bilinear", align_corners=False)
+        if self.kernel is not None:
+            up = _blur(up, self.kernel)
+        t.lap("postprocess")
+        return up[:, 0]
+
+    def score_frame(self, image: np.ndarray) -> FrameScore:
+        """A whole frame, resized or tiled as the bundle was calibrated."""
+        return self.score_frames([image])[0]
+
+    def score_frames(self, images: list[np.ndarray]) -> list[FrameScore]:
+        if self.tiling.enabled:
+            return [self._score_tiled(img) for img in images]
+        timings: dict[str, float] = {}
+        t = _Clock(self.device, timings)
+        h, w = self.input_hw
+        x = self.preprocess([cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA) for img in images])
+        t.lap("preprocess")
+        maps = self.maps(x, timings).cpu().numpy()
+        t.lap("download")
+        out = []
+        for img, m in zip(images, maps):
+            full = cv2.resize(m, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_LINEAR)
+            out.append(FrameScore(full, float(m.max()), {}))
+        t.lap("stitch")
+        per = {k: v / len(images) for k, v in timings.items()}
+        for fs in out:
+            fs.timings_ms = dict(per)
+        return out
+
+    def _score_tiled(self, image: np.ndarray) -> FrameScore:
+        timings: dict[str, float] = {}
+        t = _Clock(self.device, timings)
+        frame_hw = image.shape[:2]
+        grid = self._grid(frame_hw)
+        frame = prepare_frame(image, grid, self.tiling.scale)
+        stitcher = Stitcher(grid)
+        for idx, tiles in iter_tiles(frame, grid, self.batch_size):
+            x = self.preprocess(tiles)
+            t.lap("preprocess")
+            maps = self.maps(x, timings).cpu().numpy()
+            t.lap("download")
+            for i, m in zip(idx, maps):
+                stitcher.add(i, m)
+            t.lap("stitch")
+        full = stitcher.result(frame_hw, self.tiling.scale)
+        t.lap("stitch")
+        return FrameScore(full, float(full.max()), timings)
+
+
+def _blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
+    r = kernel.numel() // 2
+    x = F.pad(x, (r, r, r, r), mode="reflect")
+    x = F.conv2d(x, kernel.view(1, 1, 1, -1))
+    return F.conv2d(x, kernel.view(1, 1, -1, 1))
+
+
+class _Clock:
+    """Adds wall time per stage to ``timings`` (ms); synchronises CUDA so stages are honest."""
+
+    def __init__(self, device: torch.device, timings: dict[str, float] | None) -> None:
+        self.timings, self.cuda = timings, device.type == "cuda"
+        self.t = time.perf_counter()
+
+    def lap(self, stage: str) -> None:
+        if self.timings is None:
+            return
+        if self.cuda:
+            torch.cuda.synchronize()
+        now = time.perf_counter()
+        self.timings[stage] = self.timings.get(stage, 0.0) + (now - self.t) * 1000.0
+        self.t = now

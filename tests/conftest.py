@@ -1,0 +1,150 @@
+"""Shared fixtures: a real mosquitto broker on a free loopback port."""
+from __future__ import annotations
+
+import getpass
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+MOSQUITTO = shutil.which("mosquitto") or next(
+    (p for p in ("/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto") if Path(p).exists()), None)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Mosquitto:
+    """One mosquitto process; ``stop()`` and ``start()`` keep the port, config and persistence.
+
+    Persistence is on (saved on stop), so a subscriber with a persistent session
+    (clean_session=False, QoS 1) gets what was published while it reconnected after a restart.
+    """
+
+    def __init__(self, workdir: Path, extra_config: str = "") -> None:
+        self.host = "127.0.0.1"
+        self.port = free_port()
+        self.workdir = workdir
+        workdir.mkdir(parents=True, exist_ok=True)
+        self.config = workdir / "mosquitto.conf"
+        self.log = workdir / "mosquitto.log"
+        self.config.write_text(
+            f"listener {self.port} {self.host}\n"
+            # Started as root, mosquitto would switch to user 'mosquitto', who cannot read tmp_path.
+            f"user {getpass.getuser()}\n"
+            "persistence true\n"
+            f"persistence_location {workdir}/\n"
+            f"log_dest file {self.log}\n"
+            "log_type all\n"
+            + (extra_config if "allow_anonymous" in extra_config else "allow_anonymous true\n" + extra_config))
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        assert self._proc is None, "broker already running"
+        self._proc = subprocess.Popen([MOSQUITTO, "-c", str(self.config)],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._proc.poll() is not None:
+                err = self._proc.stderr.read().decode(errors="replace") if self._proc.stderr else ""
+                self._proc = None
+                raise RuntimeError(f"mosquitto exited at start: {err}\n{self._log_tail()}")
+            try:
+                socket.create_connection((self.host, self.port), timeout=0.2).close()
+                return
+            except OSError:
+                time.sleep(0.05)
+        self.stop()
+        raise RuntimeError(f"mosquitto did not listen on {self.host}:{self.port} within {timeout_s} s\n"
+                           f"{self._log_tail()}")
+
+    def stop(self) -> None:
+        if self._proc is None:
+            return
+        self._proc.terminate()
+        try:
+            self._proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        self._proc = None
+
+    def kill(self) -> None:
+        """Crash the broker (SIGKILL): nothing is saved, unread socket data is lost."""
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            self._proc = None
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._proc is None else self._proc.pid
+
+    @property
+    def running(self) -> bool:
+        return self._proc is not None and self._proc.poll() is None
+
+    def _log_tail(self) -> str:
+        return self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
+
+
+@pytest.fixture
+def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[..., Mosquitto]]:
+    """Start brokers with extra config lines; all are stopped at the end of the test."""
+    if MOSQUITTO is None:
+        pytest.skip("mosquitto is not installed (apt-get install mosquitto)")
+    brokers: list[Mosquitto] = []
+
+    def make(extra_config: str = "") -> Mosquitto:
+        broker = Mosquitto(tmp_path / f"broker{len(brokers)}", extra_config)
+        brokers.append(broker)
+        broker.start()
+        return broker
+
+    yield make
+    for broker in brokers:
+        broker.stop()
+
+
+@pytest.fixture
+def mosquitto(mosquitto_factory: Callable[..., Mosquitto]) -> Mosquitto:
+    """A running anonymous broker: ``host``, ``port``, ``stop()``, ``start()`` on the same port."""
+    return mosquitto_factory()
+
+
+# --- calibrated models on synthetic data (no ../shared needed) -----------------------------
+
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+
+
+def small_model_config(method: str = "padim", **overrides: object):
+    """A fast configuration for tests: 128 px input, few channels."""
+    from agent.config import ModelConfig
+
+    cfg = ModelConfig(method=method, input_size=[128, 128], batch_size=8)
+    cfg.padim.dims = 48
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+@pytest.fixture(scope="session")
+def sample_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from calibration.synthetic import write_dataset
+
+    return write_dataset(tmp_path_factory.mktemp("sample") / "part", n_train=24, n_test_good=6,
+                         n_test_defect=4, size=(160, 192), seed=1)
+
+
+@pytest.fixture(scope="session")
+def padim_bundle(sample_data: Path, tmp_path_factory: pytest.TempPathFactory):
+    from calibration.calibrate import calibrate
+
+    return calibrate(sample_data, tmp_path_factory.mktemp("bundles") / "padim", small_model_config(), progress=False)

@@ -1,0 +1,465 @@
+"""MQTT delivery against a real mosquitto: verdicts, heatmaps, status/Last Will, outages, restarts, auth."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import paho.mqtt.client as mqtt
+import pytest
+from jsonschema import Draft202012Validator
+from paho.mqtt.enums import CallbackAPIVersion
+
+from agent.mqtt import MqttConfig, Publisher, heatmap_topic, read_password
+from agent.spool import Spool
+from agent.verdict import ModelInfo, Region, Verdict
+
+REPO = Path(__file__).resolve().parents[1]
+PREFIX = "test/line1"
+WAIT_S = 30.0  # generous: a bound on a hang, not a performance claim
+
+
+def make_verdict(i: int, frame_id: str | None = None) -> Verdict:
+    ng = i % 3 == 0
+    return Verdict(frame_id=frame_id or f"f{i:05d}", seq=i, source="cam1", timestamp=time.time(),
+                   status="ng" if ng else "ok", model=ModelInfo("bracket", "1", "padim"),
+                   image_score=9.0 if ng else 1.0, threshold=5.0, normalized_score=1.8 if ng else 0.2,
+                   regions=[Region(4, 5, 6, 7, 30, 9.5)] if ng else [])
+
+
+def heatmap_image(seed: int = 0) -> np.ndarray:
+    grey = ((np.arange(48)[:, None] * 3 + np.arange(64)[None, :] * 2 + seed) % 256).astype(np.uint8)
+    return cv2.applyColorMap(grey, cv2.COLORMAP_JET)
+
+
+def encode(image: np.ndarray, ext: str = ".png") -> bytes:
+    ok, buf = cv2.imencode(ext, image)
+    assert ok
+    return buf.tobytes()
+
+
+class Subscriber:
+    """A separate paho client that records everything under PREFIX/#."""
+
+    def __init__(self, broker: Any, protocol: int = mqtt.MQTTv5, client_id: str = "",
+                 persistent: bool = False, username: str | None = None, password: str | None = None,
+                 ca_file: Path | None = None) -> None:
+        self.messages: list[mqtt.MQTTMessage] = []
+        self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        kwargs: dict[str, Any] = {}
+        if protocol != mqtt.MQTTv5:
+            kwargs["clean_session"] = not persistent
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol, **kwargs)
+        if username:
+            self.client.username_pw_set(username, password)
+        if ca_file:
+            self.client.tls_set(ca_certs=str(ca_file))
+        self.client.reconnect_delay_set(0.1, 0.5)
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(f"{PREFIX}/#", qos=1)
+        self.client.on_subscribe = lambda c, u, mid, rcs, p: self._subscribed.set()
+        self.client.on_message = self._on_message
+        self.client.connect(broker.host, broker.port, keepalive=30)
+        self.client.loop_start()
+        assert self._subscribed.wait(WAIT_S), "subscriber did not get its subscription"
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
+        with self._lock:
+            self.messages.append(msg)
+
+    def on(self, topic: str) -> list[mqtt.MQTTMessage]:
+        with self._lock:
+            return [m for m in self.messages if m.topic == topic]
+
+    def verdict_ids(self) -> list[str]:
+        return [json.loads(m.payload)["frame_id"] for m in self.on(f"{PREFIX}/verdict")]
+
+    def wait_for(self, condition: Callable[[], bool], what: str) -> None:
+        deadline = time.monotonic() + WAIT_S
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            time.sleep(0.02)
+        raise AssertionError(f"timed out waiting for {what}")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+@pytest.fixture
+def subscribers() -> Iterator[Callable[..., Subscriber]]:
+    made: list[Subscriber] = []
+
+    def make(broker: Any, **kwargs: Any) -> Subscriber:
+        made.append(Subscriber(broker, **kwargs))
+        return made[-1]
+
+    yield make
+    for s in made:
+        s.close()
+
+
+def config(broker: Any, tmp_path: Path, **overrides: Any) -> MqttConfig:
+    values: dict[str, Any] = dict(host=broker.host, port=broker.port, topic_prefix=PREFIX,
+                                  client_id="agent-under-test", reconnect_min_s=0.1, reconnect_max_s=0.5,
+                                  spool_path=tmp_path / "spool.sqlite")
+    values.update(overrides)
+    return MqttConfig(**values)
+
+
+@pytest.fixture
+def publishers() -> Iterator[Callable[[MqttConfig], Publisher]]:
+    made: list[Publisher] = []
+
+    def make(cfg: MqttConfig) -> Publisher:
+        pub = Publisher(cfg, Spool(cfg.spool_path, cfg.spool_max_messages, cfg.spool_max_bytes))
+        made.append(pub)
+        pub.start()
+        return pub
+
+    yield make
+    for pub in made:
+        pub.stop(timeout_s=1.0)
+        pub.spool.close()
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+# A publisher in its own process, to be killed with SIGKILL. It publishes N verdicts (every
+# other one with a heatmap), waits as ``mode`` says, prints its stats as JSON, then idles.
+# Modes: "no" (no wait), "connected", "sent:K" (first connects, prints "connected", reads a
+# line from stdin, then publishes and waits until K messages were handed to paho).
+_CHILD = """
+import json, sys, time, dataclasses
+from pathlib import Path
+sys.path.insert(0, sys.argv[1])
+from tests.test_mqtt import make_verdict, heatmap_image, encode
+from agent.mqtt import MqttConfig, Publisher
+from agent.spool import Spool
+host, port, spool_path, n, mode = sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
+cfg = MqttConfig(host=host, port=port, topic_prefix="%s", client_id="agent-child",
+                 reconnect_min_s=0.1, reconnect_max_s=0.5, spool_path=spool_path)
+pub = Publisher(cfg, Spool(spool_path, cfg.spool_max_messages, cfg.spool_max_bytes))
+pub.start()
+while mode != "no" and not pub.stats.connected:
+    time.sleep(0.02)
+if mode.startswith("sent:"):
+    print("connected", flush=True)
+    sys.stdin.readline()
+for i in range(n):
+    pub.publish_verdict(make_verdict(i), encode(heatmap_image(i)) if i %% 2 else None)
+while mode.startswith("sent:") and pub.stats.sent < int(mode[5:]):
+    time.sleep(0.02)
+print(json.dumps(dataclasses.asdict(pub.stats)), flush=True)
+time.sleep(600)
+""" % PREFIX
+
+
+class Child:
+    def __init__(self, broker: Any, spool_path: Path, n: int, mode: str) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _CHILD, str(REPO), broker.host, str(broker.port),
+                                      str(spool_path), str(n), mode],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, cwd=REPO)
+
+    def readline(self) -> str:
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            raise AssertionError(f"publisher child exited with {self.proc.returncode} before reporting")
+        return line.decode()
+
+    def stats(self) -> dict[str, Any]:
+        return json.loads(self.readline())
+
+    def go(self) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(b"go\n")
+        self.proc.stdin.flush()
+
+    def kill_9(self) -> None:
+        os.kill(self.proc.pid, signal.SIGKILL)
+        self.proc.wait()
+
+
+# -- tests ---------------------------------------------------------------------------
+
+
+def test_every_verdict_arrives_once_with_a_valid_payload(mosquitto: Any, subscribers: Any, publishers: Any,
+                                                         tmp_path: Path) -> None:
+    sub = subscribers(mosquitto)
+    pub = publishers(config(mosquitto, tmp_path))
+    n = 100
+    for i in range(n):
+        pub.publish_verdict(make_verdict(i))
+    sub.wait_for(lambda: len(set(sub.verdict_ids())) == n, f"{n} verdicts")
+    assert sub.verdict_ids() == [f"f{i:05d}" for i in range(n)]  # in order, no duplicates
+
+    schema = json.loads((REPO / "agent" / "verdict.schema.json").read_text())
+    for msg in sub.on(f"{PREFIX}/verdict"):
+        Draft202012Validator(schema).validate(json.loads(msg.payload))
+        assert msg.qos == 1 and not msg.retain
+        assert msg.properties.ContentType == "application/json"
+
+    wait_until(lambda: pub.stats.acked == n, "PUBACKs")
+    stats = pub.stats
+    assert stats.connected and stats.spooled == 0 and stats.sent == n and stats.dropped == 0
+
+
+def test_heatmap_on_its_topic_decodes_and_correlates(mosquitto: Any, subscribers: Any, publishers: Any,
+                                                     tmp_path: Path) -> None:
+    sub = subscribers(mosquitto)
+    pub = publishers(config(mosquitto, tmp_path))
+    image = heatmap_image(7)
+    odd_id = "cam1/part#7+x%"  # characters that are special in MQTT topics
+    pub.publish_verdict(make_verdict(1), encode(image, ".png"))
+    pub.publish_verdict(make_verdict(2, frame_id=odd_id), encode(image, ".png"))
+    pub.publish_verdict(make_verdict(3), encode(image, ".jpg"))
+    pub.publish_verdict(make_verdict(4), None)
+
+    topics = [heatmap_topic(PREFIX, fid) for fid in ("f00001", odd_id, "f00003")]
+    assert topics[1] == f"{PREFIX}/heatmap/cam1%2Fpart%237%2Bx%25"
+    sub.wait_for(lambda: all(sub.on(t) for t in topics) and len(sub.verdict_ids()) == 4, "heatmaps")
+
+    for topic, fid, mime in zip(topics, ("f00001", odd_id, "f00003"), ("image/png", "image/png", "image/jpeg")):
+        (msg,) = sub.on(topic)
+        decoded = cv2.imdecode(np.frombuffer(msg.payload, np.uint8), cv2.IMREAD_COLOR)
+        assert decoded is not None and decoded.shape == image.shape
+        if mime == "image/png":
+            assert np.array_equal(decoded, image)  # lossless
+        assert msg.properties.CorrelationData == fid.encode()
+        assert msg.properties.ContentType == mime
+    assert len([m for m in sub.messages if "/heatmap/" in m.topic]) == 3  # none for frame 4
+    with pytest.raises(ValueError, match="PNG or JPEG"):
+        pub.publish_verdict(make_verdict(5), image.tobytes())
+
+
+def test_status_online_then_offline_after_stop(mosquitto: Any, subscribers: Any, publishers: Any,
+                                               tmp_path: Path) -> None:
+    pub = publishers(config(mosquitto, tmp_path))
+    wait_until(lambda: pub.stats.connected, "connection")
+    late = subscribers(mosquitto)  # subscribes after the fact: sees the retained status
+    late.wait_for(lambda: late.on(f"{PREFIX}/status"), "retained online")
+    (online,) = late.on(f"{PREFIX}/status")
+    assert online.retain and json.loads(online.payload) == {"state": "online", "client_id": "agent-under-test"}
+
+    assert pub.publish_health({"fps": 12.5, "spool": pub.stats.spooled})
+    late.wait_for(lambda: late.on(f"{PREFIX}/health"), "health")
+    assert json.loads(late.on(f"{PREFIX}/health")[0].payload) == {"fps": 12.5, "spool": 0}
+
+    pub.publish_verdict(make_verdict(1))
+    assert pub.stop(timeout_s=10) is True
+    assert pub.stats.spooled == 0 and not pub.stats.connected
+    later = subscribers(mosquitto)
+    later.wait_for(lambda: later.on(f"{PREFIX}/status"), "retained offline")
+    (offline,) = later.on(f"{PREFIX}/status")
+    assert offline.retain and json.loads(offline.payload)["state"] == "offline"
+    assert json.loads(offline.payload)["reason"] == "stopped"
+    assert pub.publish_health({"fps": 0}) is False  # not connected: dropped, not queued
+
+
+def test_last_will_offline_when_the_process_dies(mosquitto: Any, subscribers: Any, tmp_path: Path) -> None:
+    sub = subscribers(mosquitto)
+    child = Child(mosquitto, tmp_path / "spool.sqlite", 3, "connected")
+    try:
+        assert child.stats()["connected"]
+        sub.wait_for(lambda: len(sub.verdict_ids()) == 3, "the child's verdicts")
+        sub.wait_for(lambda: sub.on(f"{PREFIX}/status"), "online")
+        assert json.loads(sub.on(f"{PREFIX}/status")[-1].payload)["state"] == "online"
+    finally:
+        child.kill_9()
+    sub.wait_for(lambda: len(sub.on(f"{PREFIX}/status")) == 2, "the Last Will")
+    will = json.loads(sub.on(f"{PREFIX}/status")[-1].payload)
+    assert will == {"state": "offline", "client_id": "agent-child", "reason": "connection lost"}
+
+
+def test_broker_outage_mid_stream_loses_nothing(mosquitto: Any, subscribers: Any, publishers: Any,
+                                                tmp_path: Path) -> None:
+    # A persistent session, so the broker keeps what arrives while the subscriber reconnects.
+    sub = subscribers(mosquitto, protocol=mqtt.MQTTv311, client_id="plc", persistent=True)
+    pub = publishers(config(mosquitto, tmp_path))
+    wait_until(lambda: pub.stats.connected, "connection")
+    for i in range(0, 40):
+        pub.publish_verdict(make_verdict(i), encode(heatmap_image(i)) if i % 4 == 0 else None)
+    mosquitto.stop()  # with messages still in flight
+    wait_until(lambda: not pub.stats.connected, "the publisher to notice the outage")
+    for i in range(40, 80):
+        pub.publish_verdict(make_verdict(i))
+    assert pub.stats.spooled >= 40
+    mosquitto.start()
+    for i in range(80, 120):
+        pub.publish_verdict(make_verdict(i))
+
+    expected = {f"f{i:05d}" for i in range(120)}
+    sub.wait_for(lambda: set(sub.verdict_ids()) == expected, "all 120 verdicts")
+    assert pub.stop(timeout_s=10) is True
+    assert pub.stats.spooled == 0 and pub.stats.dropped == 0
+
+
+def test_spool_of_a_killed_publisher_is_delivered_after_restart(mosquitto: Any, subscribers: Any,
+                                                                publishers: Any, tmp_path: Path) -> None:
+    spool_path = tmp_path / "spool.sqlite"
+    mosquitto.stop()
+    child = Child(mosquitto, spool_path, 20, "no")
+    stats = child.stats()
+    child.kill_9()
+    assert stats["spooled"] == 30 and not stats["connected"]  # 20 verdicts, 10 heatmaps
+
+    mosquitto.start()
+    sub = subscribers(mosquitto)
+    pub = publishers(config(mosquitto, tmp_path, spool_path=spool_path))
+    pub.publish_verdict(make_verdict(99))  # new after the restart: must come after the replay
+    sub.wait_for(lambda: len(sub.verdict_ids()) == 21, "the spooled verdicts")
+    assert sub.verdict_ids() == [f"f{i:05d}" for i in range(20)] + ["f00099"]
+    heatmaps = [m for m in sub.messages if "/heatmap/" in m.topic]
+    assert [m.topic.rsplit("/", 1)[1] for m in heatmaps] == [f"f{i:05d}" for i in range(1, 20, 2)]
+    assert pub.stop(timeout_s=10) is True
+
+
+def test_unacknowledged_messages_of_a_killed_publisher_are_replayed(mosquitto: Any, subscribers: Any,
+                                                                     publishers: Any, tmp_path: Path) -> None:
+    # Messages handed to the network but never acknowledged must survive in the spool.
+    spool_path = tmp_path / "spool.sqlite"
+    child = Child(mosquitto, spool_path, 10, "sent:15")  # 10 verdicts, 5 heatmaps
+    try:
+        assert child.readline().strip() == "connected"
+        os.kill(mosquitto.pid, signal.SIGSTOP)  # takes bytes into its socket, never answers
+        try:
+            child.go()
+            stats = child.stats()
+        finally:
+            mosquitto.kill()  # a crash: what it had not read is gone with it
+    finally:
+        child.kill_9()
+    assert stats["sent"] == 15 and stats["acked"] == 0
+
+    mosquitto.start()
+    sub = subscribers(mosquitto)
+    pub = publishers(config(mosquitto, tmp_path, spool_path=spool_path))
+    sub.wait_for(lambda: len(sub.verdict_ids()) == 10, "the unacknowledged verdicts")
+    assert sub.verdict_ids() == [f"f{i:05d}" for i in range(10)]
+    assert pub.stop(timeout_s=10) is True
+
+
+def test_mqtt_3_1_1(mosquitto: Any, subscribers: Any, publishers: Any, tmp_path: Path) -> None:
+    sub = subscribers(mosquitto, protocol=mqtt.MQTTv311)
+    pub = publishers(config(mosquitto, tmp_path, protocol="3.1.1"))
+    image = heatmap_image(3)
+    for i in range(5):
+        pub.publish_verdict(make_verdict(i), encode(image))
+    sub.wait_for(lambda: len(sub.verdict_ids()) == 5 and
+                 len([m for m in sub.messages if "/heatmap/" in m.topic]) == 5, "verdicts and heatmaps")
+    decoded = cv2.imdecode(np.frombuffer(sub.on(heatmap_topic(PREFIX, "f00004"))[0].payload, np.uint8),
+                           cv2.IMREAD_COLOR)
+    assert np.array_equal(decoded, image)
+    assert pub.stop(timeout_s=10) is True
+
+
+@pytest.fixture
+def auth_broker(mosquitto_factory: Any, tmp_path: Path) -> Any:
+    passwd = shutil.which("mosquitto_passwd")
+    if passwd is None:
+        pytest.skip("mosquitto_passwd is not installed (it ships with the mosquitto package)")
+    users = tmp_path / "users"
+    subprocess.run([passwd, "-b", "-c", str(users), "agent", "s3cr3t-Pa55"], check=True, capture_output=True)
+    subprocess.run([passwd, "-b", str(users), "plc", "plc-pw"], check=True, capture_output=True)
+    return mosquitto_factory(f"allow_anonymous false\npassword_file {users}\n")
+
+
+def test_username_password_from_file_never_logged(auth_broker: Any, subscribers: Any, publishers: Any,
+                                                  tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)
+    secret = tmp_path / "mqtt-password"
+    secret.write_text("s3cr3t-Pa55\n")
+    sub = subscribers(auth_broker, username="plc", password="plc-pw")
+    pub = publishers(config(auth_broker, tmp_path, username="agent", password_file=secret))
+    pub.publish_verdict(make_verdict(1))
+    sub.wait_for(lambda: sub.verdict_ids() == ["f00001"], "the verdict")
+    assert pub.stop(timeout_s=10) is True
+
+    assert any("CONNECT" in r.getMessage() for r in caplog.records)  # paho's packet log was captured
+    for record in caplog.records:
+        assert "s3cr3t" not in record.getMessage(), f"password logged by {record.name}"
+    assert "s3cr3t" not in repr(pub.cfg)
+
+
+def test_wrong_password_keeps_verdicts_spooled(auth_broker: Any, publishers: Any, tmp_path: Path,
+                                               caplog: pytest.LogCaptureFixture,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TEST_MQTT_PASSWORD", "wrong-guess")
+    pub = publishers(config(auth_broker, tmp_path, username="agent", password_env="TEST_MQTT_PASSWORD"))
+    pub.publish_verdict(make_verdict(1))
+    wait_until(lambda: any("refused the connection" in r.getMessage() for r in caplog.records), "refusal log")
+    assert not pub.stats.connected and pub.stats.spooled == 1
+    assert all("wrong-guess" not in r.getMessage() for r in caplog.records)
+
+
+@pytest.fixture
+def tls_broker(mosquitto_factory: Any, tmp_path: Path) -> Any:
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is not installed; it makes the test certificates")
+    d = tmp_path / "pki"
+    d.mkdir()
+    ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"]
+
+    def run(*args: str) -> None:
+        subprocess.run([openssl, *args], check=True, capture_output=True, cwd=d)
+
+    run("req", "-x509", *ec, "-keyout", "ca.key", "-out", "ca.crt", "-days", "2", "-subj", "/CN=test-ca")
+    run("req", *ec, "-keyout", "server.key", "-out", "server.csr", "-subj", "/CN=127.0.0.1")
+    (d / "san.ext").write_text("subjectAltName=IP:127.0.0.1\n")
+    run("x509", "-req", "-in", "server.csr", "-CA", "ca.crt", "-CAkey", "ca.key", "-CAcreateserial",
+        "-out", "server.crt", "-days", "2", "-extfile", "san.ext")
+    broker = mosquitto_factory(f"cafile {d / 'ca.crt'}\ncertfile {d / 'server.crt'}\nkeyfile {d / 'server.key'}\n")
+    broker.ca_file = d / "ca.crt"
+    return broker
+
+
+def test_tls_with_the_plant_ca(tls_broker: Any, subscribers: Any, publishers: Any, tmp_path: Path) -> None:
+    sub = subscribers(tls_broker, ca_file=tls_broker.ca_file)
+    pub = publishers(config(tls_broker, tmp_path, tls=True, ca_file=tls_broker.ca_file))
+    pub.publish_verdict(make_verdict(1))
+    sub.wait_for(lambda: sub.verdict_ids() == ["f00001"], "the verdict over TLS")
+    assert pub.stop(timeout_s=10) is True
+
+
+def test_tls_refuses_an_untrusted_broker(tls_broker: Any, publishers: Any, tmp_path: Path,
+                                         caplog: pytest.LogCaptureFixture) -> None:
+    pub = publishers(config(tls_broker, tmp_path, tls=True))  # system CAs do not know the test CA
+    pub.publish_verdict(make_verdict(1))
+    wait_until(lambda: any("TLS handshake failed" in r.getMessage() for r in caplog.records), "the failure log")
+    assert not pub.stats.connected and pub.stats.spooled == 1
+
+
+def test_config_errors_name_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValueError, match="mqtt.topic_prefix"):
+        MqttConfig(topic_prefix="plant/#")
+    with pytest.raises(ValueError, match="mqtt.reconnect_min_s"):
+        MqttConfig(reconnect_min_s=10, reconnect_max_s=1)
+    with pytest.raises(ValueError, match="mqtt.password_file.*missing"):
+        read_password(MqttConfig(username="u", password_file=tmp_path / "missing"))
+    monkeypatch.delenv("NO_SUCH_VAR", raising=False)
+    with pytest.raises(ValueError, match="NO_SUCH_VAR"):
+        read_password(MqttConfig(username="u", password_env="NO_SUCH_VAR"))
+    with pytest.raises(ValueError, match="mqtt.ca_file: file not found"):
+        Publisher(MqttConfig(tls=True, ca_file=tmp_path / "ca.pem"), Spool(tmp_path / "s", 10, 1000))

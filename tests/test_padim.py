@@ -1,0 +1,126 @@
+"""PaDiM end to end on synthetic data: bundle contents, hash refusal, runtime parity, CLI."""
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from calibration.data import read_image, test_samples as list_test_samples
+from engines.bundle import BundleError, load_bundle
+from engines.mahalanobis import GaussianAccumulator, MahalanobisHead
+from engines.runtimes import open_backend
+from engines.runtimes.onnxruntime_backend import OrtBackend, OrtBackendConfig
+from engines.runtimes.torch_backend import TorchBackend, TorchBackendConfig
+from engines.scorer import Scorer
+
+REPO = Path(__file__).resolve().parents[1]
+# ONNX Runtime fuses and reorders float32 ops; Mahalanobis distances amplify that a little.
+PARITY_RTOL = 1e-3
+
+
+def test_streaming_gaussian_matches_batch_statistics() -> None:
+    gen = torch.Generator().manual_seed(0)
+    emb = torch.randn(40, 6, 5, generator=gen) * 2 + 30  # large offset: cancellation would show
+    acc = GaussianAccumulator(5, 6)
+    for chunk in emb.split(7):
+        acc.add(chunk)
+    mean, inv = acc.finish(reg=0.01)
+    x = emb.permute(2, 0, 1).double()
+    ref_cov = torch.stack([torch.cov(p.T) for p in x]) + 0.01 * torch.eye(6, dtype=torch.float64)
+    torch.testing.assert_close(mean, x.mean(1).float(), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(inv, torch.linalg.inv(ref_cov).float(), rtol=1e-3, atol=1e-4)
+
+
+def test_mahalanobis_head_matches_direct_formula() -> None:
+    gen = torch.Generator().manual_seed(1)
+    p, d, c = 12, 4, 7
+    mean = torch.randn(p, d, generator=gen)
+    a = torch.randn(p, d, d, generator=gen)
+    inv = a @ a.transpose(1, 2) + torch.eye(d)
+    channels = torch.tensor([0, 2, 3, 6])
+    feats = torch.randn(3, c, 3, 4, generator=gen)
+    out = MahalanobisHead(mean, inv, channels)(feats)
+    x = feats[:, channels].flatten(2).permute(0, 2, 1)  # (B, P, D)
+    ref = torch.einsum("bpd,pde,bpe->bp", x - mean, inv, x - mean).sqrt().reshape(3, 3, 4)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_bundle_holds_manifest_tensors_and_onnx(padim_bundle) -> None:
+    m = padim_bundle.manifest
+    assert set(m.files) == {"network.safetensors", "head.safetensors", "model.onnx"}
+    assert m.method == "padim" and m.model_id.startswith("padim-")
+    assert m.threshold["threshold"] > 0 and m.normalizer["threshold"] == m.threshold["threshold"]
+    assert m.network["taps"] == ["stage3", "stage4", "stage5"]
+    assert {"torch", "onnxruntime"} <= set(m.versions)
+    for name in m.files:  # nothing executable: safetensors and ONNX only, no pickle
+        assert not (padim_bundle.path / name).read_bytes().startswith(b"\x80")
+
+
+def test_altered_tensor_file_is_refused(padim_bundle, tmp_path: Path) -> None:
+    copy = tmp_path / "bundle"
+    shutil.copytree(padim_bundle.path, copy)
+    data = bytearray((copy / "head.safetensors").read_bytes())
+    data[-10] ^= 0xFF
+    (copy / "head.safetensors").write_bytes(bytes(data))
+    with pytest.raises(BundleError, match="head.safetensors: content hash mismatch"):
+        load_bundle(copy)
+    r = subprocess.run([sys.executable, "-m", "agent", "evaluate", "--model", str(copy), "--data", str(copy)],
+                       capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "content hash mismatch" in r.stderr and padim_bundle.manifest.model_id in r.stderr
+
+
+def test_onnxruntime_matches_torch_reference(padim_bundle, sample_data: Path) -> None:
+    images = [read_image(s.path) for s in list_test_samples(sample_data)]
+    ref = Scorer(padim_bundle, TorchBackend(padim_bundle, TorchBackendConfig("cpu")))
+    ort = Scorer(padim_bundle, OrtBackend(padim_bundle, OrtBackendConfig()))
+    r, o = ref.score_frames(images), ort.score_frames(images)
+    ref_scores = np.array([f.score for f in r])
+    np.testing.assert_allclose([f.score for f in o], ref_scores, rtol=PARITY_RTOL)
+    for a, b in zip(r, o):
+        np.testing.assert_allclose(b.map, a.map, rtol=PARITY_RTOL, atol=PARITY_RTOL * ref_scores.max())
+
+
+def test_auto_backend_without_cuda_is_onnxruntime(padim_bundle) -> None:
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is present; auto picks a GPU backend")
+    backend, why = open_backend(padim_bundle, "auto")
+    assert backend.name == "onnxruntime" and "no CUDA device" in why
+
+
+def test_defects_score_above_good(padim_bundle, sample_data: Path) -> None:
+    samples = list_test_samples(sample_data)
+    scorer = Scorer(padim_bundle, TorchBackend(padim_bundle, TorchBackendConfig("cpu")))
+    scores = np.array([scorer.score_frame(read_image(s.path)).score for s in samples])
+    labels = np.array([s.label for s in samples])
+    assert scores[labels == 1].mean() > scores[labels == 0].max()
+
+
+def test_calibrate_and_evaluate_commands(sample_data: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  input_size: [128, 128]\n  padim:\n    dims: 32\n")
+    out = tmp_path / "bundle"
+    r = subprocess.run([sys.executable, "-m", "agent", "calibrate", "--data", str(sample_data), "--out", str(out),
+                        "--config", str(cfg), "--method", "padim"], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["model_id"].startswith("padim-")
+    report = tmp_path / "report"
+    r = subprocess.run([sys.executable, "-m", "agent", "evaluate", "--model", str(out), "--data", str(sample_data),
+                        "--json", "--report", str(report)], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads(r.stdout)
+    for key in ("image_auroc", "pixel_auroc", "pixel_aupr", "aupro", "f1_max", "per_type"):
+        assert key in metrics
+    assert metrics["image_auroc"] > 0.9
+    assert (report / "index.html").is_file() and (report / "roc.png").is_file()
+
+
+def test_calibrate_on_missing_data_exits_2(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "agent", "calibrate", "--data", str(tmp_path / "none"),
+                        "--out", str(tmp_path / "b")], capture_output=True, text=True, cwd=REPO)
+    assert r.returncode == 2 and "train/good" in r.stderr

@@ -1,0 +1,121 @@
+"""The on-disk spool: order, acks, the full-spool policy, durability across a killed process."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+from agent.spool import Spool
+
+
+def test_pending_in_insertion_order_and_ack_removes(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s.sqlite", max_messages=100, max_bytes=1 << 20)
+    seqs = [spool.put("t/verdict", f"v{i}".encode(), kind="verdict") for i in range(5)]
+    assert seqs == sorted(seqs) and len(set(seqs)) == 5
+    items = spool.pending(10)
+    assert [i.payload for i in items] == [f"v{i}".encode() for i in range(5)]
+    assert items[0].topic == "t/verdict" and items[0].qos == 1 and items[0].retain is False
+    assert items[0].kind == "verdict" and items[0].created > 0
+
+    assert spool.ack([seqs[0], seqs[2]]) == 2
+    assert [i.payload for i in spool.pending(10)] == [b"v1", b"v3", b"v4"]
+    assert [i.payload for i in spool.pending(1, after_seq=seqs[1])] == [b"v3"]
+    assert len(spool) == 3 and spool.nbytes == 6
+    assert spool.ack([seqs[0]]) == 0  # acking twice is harmless
+    spool.close()
+
+
+def test_full_by_count_drops_oldest_heatmaps_then_oldest_verdicts(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s.sqlite", max_messages=4, max_bytes=1 << 20)
+    for i in range(3):
+        spool.put("t/verdict", f"v{i}".encode(), kind="verdict")
+        spool.put(f"t/heatmap/{i}", f"h{i}".encode(), kind="heatmap")
+    # 6 puts into 4 places: the two oldest heatmaps went first.
+    assert [i.payload for i in spool.pending(10)] == [b"v0", b"v1", b"v2", b"h2"]
+    assert spool.dropped == 2
+
+    spool.put("t/verdict", b"v3", kind="verdict")  # drops h2, the last heatmap
+    spool.put("t/verdict", b"v4", kind="verdict")  # no heatmap left: drops v0
+    assert [i.payload for i in spool.pending(10)] == [b"v1", b"v2", b"v3", b"v4"]
+    assert spool.dropped == 4 and len(spool) == 4
+
+
+def test_full_by_bytes(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s.sqlite", max_messages=1000, max_bytes=100)
+    spool.put("t/verdict", b"a" * 30, kind="verdict")
+    spool.put("t/heatmap/1", b"h" * 60, kind="heatmap")
+    spool.put("t/verdict", b"b" * 30, kind="verdict")  # 120 bytes: the heatmap goes
+    assert [i.payload[:1] for i in spool.pending(10)] == [b"a", b"b"]
+    assert spool.nbytes == 60 and spool.dropped == 1
+    spool.put("t/verdict", b"c" * 500, kind="verdict")  # larger than the spool: nothing fits
+    assert len(spool) == 0 and spool.nbytes == 0 and spool.dropped == 4
+
+
+def test_reopen_keeps_items_and_sizes(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    spool = Spool(path, max_messages=3, max_bytes=1 << 20)
+    for i in range(3):
+        spool.put("t/verdict", f"v{i}".encode())
+    spool.close()
+    spool = Spool(path, max_messages=3, max_bytes=1 << 20)
+    assert len(spool) == 3
+    spool.put("t/verdict", b"v3")  # the limit counts what was already there
+    assert [i.payload for i in spool.pending(10)] == [b"v1", b"v2", b"v3"]
+
+
+_WRITER = """
+import os, sys, time
+from pathlib import Path
+from agent.spool import Spool
+spool = Spool(Path(sys.argv[1]), max_messages=1000, max_bytes=1 << 20)
+for i in range(50):
+    spool.put("t/verdict", b"v%d" % i, kind="verdict")
+spool.ack([item.seq for item in spool.pending(10)])
+print("written", flush=True)
+time.sleep(60)
+"""
+
+
+def test_survives_kill_9(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    proc = subprocess.Popen([sys.executable, "-c", _WRITER, str(path)], stdout=subprocess.PIPE,
+                            cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert proc.stdout is not None and proc.stdout.readline().strip() == b"written"
+    finally:
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+    spool = Spool(path, max_messages=1000, max_bytes=1 << 20)
+    assert [i.payload for i in spool.pending(100)] == [b"v%d" % i for i in range(10, 50)]
+
+
+def test_concurrent_put_and_ack(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s.sqlite", max_messages=10_000, max_bytes=1 << 24)
+    n = 500
+    acked: list[int] = []
+    done = threading.Event()
+
+    def acker() -> None:
+        while not (done.is_set() and len(acked) == n):
+            items = spool.pending(20, after_seq=acked[-1] if acked else 0)
+            spool.ack([i.seq for i in items])
+            acked.extend(i.seq for i in items)
+
+    thread = threading.Thread(target=acker)
+    thread.start()
+    for i in range(n):
+        spool.put("t/verdict", b"%d" % i)
+    done.set()
+    thread.join(timeout=30)
+    assert not thread.is_alive()
+    assert len(acked) == n and acked == sorted(acked) and len(spool) == 0
+
+
+def test_bad_limits_are_named(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="max_bytes"):
+        Spool(tmp_path / "s.sqlite", max_messages=10, max_bytes=0)
