@@ -15,6 +15,7 @@ from typing import Any, Literal
 
 import yaml
 
+from agent.masks import MaskConfig
 from agent.mqtt import MqttConfig
 from agent.sources import SourceConfig
 from agent.tiling import TilingConfig
@@ -67,6 +68,9 @@ class ModelConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
     tiling: TilingConfig = field(default_factory=TilingConfig)
+    mask: MaskConfig = field(default_factory=MaskConfig)
+    synthetic_defects: int = 0    # defective images synthesised from held-out good ones to estimate
+                                  # the miss rate (and to set an f1 threshold without real defects)
 
 
 @dataclass

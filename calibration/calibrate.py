@@ -8,6 +8,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from agent.config import ModelConfig
@@ -53,11 +54,23 @@ def calibrate(data: Path, out: Path, cfg: ModelConfig, progress: bool = True) ->
                         input={"size": list(hw), "mean": list(mean), "std": list(std)},
                         head=result.head, postprocess={"blur_sigma": cfg.blur_sigma},
                         tiling=asdict(cfg.tiling), score_stats={"fit": result.info})
+    if cfg.mask.kind != "none":
+        from agent.masks import fit_mask
+
+        manifest.mask = fit_mask(cfg.mask, fit_paths, out)
     bundle = write_manifest(out, manifest)
 
-    good = score_paths(bundle, val_paths, cfg.batch_size, progress, "threshold")
-    chosen = choose_threshold(cfg.threshold, good)
-    manifest.threshold = asdict(chosen)
+    val_images = [read_image(p) for p in val_paths]
+    good = score_images(bundle, val_images, cfg.batch_size, progress, "threshold")
+    defect_scores = None
+    if cfg.synthetic_defects:
+        from calibration.defects import synthesize_defects
+
+        synthetic = synthesize_defects(val_images, cfg.synthetic_defects, np.random.default_rng(cfg.seed))
+        defect_scores = score_images(bundle, [img for img, _ in synthetic], cfg.batch_size, progress, "synthetic")
+        manifest.score_stats["synthetic_defects"] = _stats(defect_scores)
+    chosen = choose_threshold(cfg.threshold, good, defect_scores)
+    manifest.threshold = chosen.to_dict()
     manifest.normalizer = Normalizer(threshold=chosen.threshold, center=float(np.median(good))).to_dict()
     manifest.score_stats["holdout_good"] = _stats(good)
     bundle = write_manifest(out, manifest)
@@ -65,11 +78,12 @@ def calibrate(data: Path, out: Path, cfg: ModelConfig, progress: bool = True) ->
     return bundle
 
 
-def score_paths(bundle: Bundle, paths: list[Path], batch_size: int, progress: bool, desc: str) -> np.ndarray:
-    """Image scores with the torch reference runtime on the CPU."""
-    scorer = Scorer(bundle, TorchBackend(bundle, TorchBackendConfig(device="cpu")), batch_size)
-    return np.array([scorer.score_frame(read_image(p)).score
-                     for p in tqdm(paths, desc=desc, unit="img", disable=not progress, leave=False)])
+def score_images(bundle: Bundle, images: list[np.ndarray], batch_size: int, progress: bool, desc: str) -> np.ndarray:
+    """Image scores with the torch reference runtime (CUDA where present)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    scorer = Scorer(bundle, TorchBackend(bundle, TorchBackendConfig(device=device)), batch_size)
+    return np.array([scorer.score_frame(img).score
+                     for img in tqdm(images, desc=desc, unit="img", disable=not progress, leave=False)])
 
 
 def _stats(scores: np.ndarray) -> dict[str, float]:

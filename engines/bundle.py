@@ -4,6 +4,7 @@
     network.safetensors  the engine's weights (torch reference runtime)
     head.safetensors     the head's statistics (means, inverse covariances, memory bank, ...)
     model.onnx           the engine exported with a dynamic batch axis
+    mask/                reference images and masks for the object mask (optional)
     plans/               compiled TensorRT plans, each with its own manifest (optional)
 
 Nothing in a bundle is executable: tensors are safetensors, the manifest is JSON. Every
@@ -39,6 +40,7 @@ class Manifest:
     head: dict[str, Any]             # method parameters the head needs
     postprocess: dict[str, Any]      # blur_sigma
     tiling: dict[str, Any]
+    mask: dict[str, Any] = field(default_factory=dict)        # object mask (agent/masks.py); {} = none
     threshold: dict[str, Any] = field(default_factory=dict)   # value, policy, expected rates
     normalizer: dict[str, Any] = field(default_factory=dict)  # center, threshold
     score_stats: dict[str, Any] = field(default_factory=dict)
@@ -94,12 +96,15 @@ def write_tensors(path: Path, network: dict[str, torch.Tensor], head: dict[str, 
 
 def write_manifest(path: Path, manifest: Manifest) -> Bundle:
     """Hash every payload file, derive the model id from the hashes and write the manifest."""
-    files = [NETWORK, HEAD] + ([ONNX] if (path / ONNX).exists() else [])
+    # Every payload file is covered (mask references included); plans carry their own manifest.
+    files = sorted(p.relative_to(path).as_posix() for p in path.rglob("*")
+                   if p.is_file() and p.name != MANIFEST and p.relative_to(path).parts[0] != "plans")
     manifest.files = {name: sha256(path / name) for name in files}
     manifest.versions = versions()
     manifest.created = manifest.created or time.time()
     # The id covers everything that changes scores: payload hashes and the decision settings.
-    ident = json.dumps([manifest.files, manifest.threshold, manifest.normalizer, manifest.tiling], sort_keys=True)
+    ident = json.dumps([manifest.files, manifest.threshold, manifest.normalizer, manifest.tiling, manifest.mask],
+                       sort_keys=True)
     manifest.model_id = f"{manifest.method}-{hashlib.sha256(ident.encode()).hexdigest()[:12]}"
     (path / MANIFEST).write_text(json.dumps(asdict(manifest), indent=2, sort_keys=True))
     return Bundle(path, manifest)

@@ -14,6 +14,9 @@ from torch import nn
 
 from engines.backbones import FeatureNet, FeatureSpec, make_backbone
 
+# Engine-side modules of the methods with their own networks or heads; each registers itself.
+PLUGINS = ("engines.knn_head", "engines.autoencoder", "engines.gan")
+
 Builder = Callable[[dict[str, Any]], nn.Module]
 _BUILDERS: dict[str, Builder] = {}
 
@@ -45,7 +48,7 @@ def _load_plugins() -> None:
     # registry complete for a runtime that only has a bundle in hand.
     import importlib
 
-    for mod in ("calibration.autoencoder", "calibration.gan"):
+    for mod in PLUGINS:
         try:
             importlib.import_module(mod)
         except ModuleNotFoundError as e:

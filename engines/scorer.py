@@ -37,7 +37,7 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
 
 
 class Scorer:
-    def __init__(self, bundle: Bundle, backend: Backend, batch_size: int = 8) -> None:
+    def __init__(self, bundle: Bundle, backend: Backend, batch_size: int = 8, use_mask: bool = True) -> None:
         m = bundle.manifest
         self.bundle, self.backend, self.batch_size = bundle, backend, batch_size
         self.device = backend.device
@@ -49,6 +49,11 @@ class Scorer:
         self.kernel = gaussian_kernel(sigma).to(self.device) if sigma > 0 else None
         self.tiling = TilingConfig(**m.tiling)
         self._grid = lru_cache(maxsize=8)(self._make_grid)
+        self.mask = None
+        if use_mask and m.mask and m.mask.get("kind", "none") != "none":
+            from agent.masks import load_mask
+
+            self.mask = load_mask(m.mask, bundle.path)
 
     def _make_grid(self, frame_hw: tuple[int, int]) -> TileGrid:
         return make_grid(frame_hw, self.input_hw, self.tiling)
@@ -79,6 +84,16 @@ class Scorer:
         return self.score_frames([image])[0]
 
     def score_frames(self, images: list[np.ndarray]) -> list[FrameScore]:
+        scored = self._score_unmasked(images)
+        if self.mask is not None:
+            for img, fs in zip(images, scored):
+                t = time.perf_counter()
+                fs.map = fs.map * self.mask.weights(img)
+                fs.score = float(fs.map.max())
+                fs.timings_ms["mask"] = (time.perf_counter() - t) * 1000.0
+        return scored
+
+    def _score_unmasked(self, images: list[np.ndarray]) -> list[FrameScore]:
         if self.tiling.enabled:
             return [self._score_tiled(img) for img in images]
         timings: dict[str, float] = {}
