@@ -25,8 +25,9 @@ from engines.runtimes.base import Backend
 @dataclass
 class FrameScore:
     map: np.ndarray                 # float32 anomaly map at the frame's size
-    score: float                    # image score: the map's maximum
+    score: float                    # image score: the map's maximum, or the head's own image score
     timings_ms: dict[str, float] = field(default_factory=dict)
+    head_score: bool = False        # True where the head gave an image-level score (SPADE, PatchCore)
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:
@@ -66,18 +67,20 @@ class Scorer:
         return (x - self.mean) / self.std
 
     @torch.inference_mode()
-    def maps(self, x: torch.Tensor, timings: dict[str, float] | None = None) -> torch.Tensor:
-        """Normalised batch -> blurred anomaly maps (B, H, W) at input size, on the device."""
+    def maps(self, x: torch.Tensor, timings: dict[str, float] | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Normalised batch -> blurred anomaly maps (B, H, W) at input size, on the device, and the
+        head's image scores (B,) where the head gives them (heads may return ``(map, image_score)``)."""
         t = _Clock(self.device, timings)
         outputs = self.backend.run(x)
         t.lap("network")
         raw = self.head(outputs, x)
+        raw, image_scores = raw if isinstance(raw, tuple) else (raw, None)
         t.lap("head")
         up = F.interpolate(raw[:, None], size=self.input_hw, mode="bilinear", align_corners=False)
         if self.kernel is not None:
             up = _blur(up, self.kernel)
         t.lap("postprocess")
-        return up[:, 0]
+        return up[:, 0], image_scores
 
     def score_frame(self, image: np.ndarray) -> FrameScore:
         """A whole frame, resized or tiled as the bundle was calibrated."""
@@ -89,7 +92,7 @@ class Scorer:
             for img, fs in zip(images, scored):
                 t = time.perf_counter()
                 fs.map = fs.map * self.mask.weights(img)
-                fs.score = float(fs.map.max())
+                fs.score = fs.score if fs.head_score else float(fs.map.max())
                 fs.timings_ms["mask"] = (time.perf_counter() - t) * 1000.0
         return scored
 
@@ -101,12 +104,15 @@ class Scorer:
         h, w = self.input_hw
         x = self.preprocess([cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA) for img in images])
         t.lap("preprocess")
-        maps = self.maps(x, timings).cpu().numpy()
+        maps, head_scores = self.maps(x, timings)
+        maps = maps.cpu().numpy()
+        head_scores = None if head_scores is None else head_scores.cpu().numpy()
         t.lap("download")
         out = []
-        for img, m in zip(images, maps):
+        for i, (img, m) in enumerate(zip(images, maps)):
             full = cv2.resize(m, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_LINEAR)
-            out.append(FrameScore(full, float(m.max()), {}))
+            score = float(m.max()) if head_scores is None else float(head_scores[i])
+            out.append(FrameScore(full, score, {}, head_scores is not None))
         t.lap("stitch")
         per = {k: v / len(images) for k, v in timings.items()}
         for fs in out:
@@ -120,17 +126,23 @@ class Scorer:
         grid = self._grid(frame_hw)
         frame = prepare_frame(image, grid, self.tiling.scale)
         stitcher = Stitcher(grid)
+        head_score = None
         for idx, tiles in iter_tiles(frame, grid, self.batch_size):
             x = self.preprocess(tiles)
             t.lap("preprocess")
-            maps = self.maps(x, timings).cpu().numpy()
+            maps, scores = self.maps(x, timings)
+            maps = maps.cpu().numpy()
+            if scores is not None:  # a frame is as anomalous as its worst tile
+                head_score = max(head_score or -np.inf, float(scores.max()))
             t.lap("download")
             for i, m in zip(idx, maps):
                 stitcher.add(i, m)
             t.lap("stitch")
         full = stitcher.result(frame_hw, self.tiling.scale)
         t.lap("stitch")
-        return FrameScore(full, float(full.max()), timings)
+        if head_score is None:
+            return FrameScore(full, float(full.max()), timings)
+        return FrameScore(full, head_score, timings, True)
 
 
 def _blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
