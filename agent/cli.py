@@ -11,6 +11,7 @@ from typing import Callable
 import yaml
 
 from agent.config import Config, ConfigError, load_config, to_dict
+from agent.sources import SourceError
 
 log = logging.getLogger("agent")
 
@@ -28,7 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
         return EXIT_USAGE
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, SourceError) as e:
         # Data, bundle and argument errors carry their own precise message.
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
@@ -57,6 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--backend", default=None, help="overrides runtime.backend (auto|torch|onnxruntime|tensorrt)")
     sp.add_argument("--json", action="store_true", help="print the metrics as one JSON object on stdout")
     sp.add_argument("--report", type=Path, default=None, help="write the report (HTML, curves, heatmaps) here")
+    sp.add_argument("--no-mask", action="store_true", help="score without the bundle's object mask (to compare)")
     for name, mod in (("run", "agent.service"), ("build-engine", "engines.build"), ("bench", "engines.bench")):
         try:
             module = __import__(mod, fromlist=["add_arguments", "command"])
@@ -97,7 +99,8 @@ def cmd_evaluate(args: argparse.Namespace, cfg: Config) -> int:
     rt = cfg.runtime
     backend, why = open_backend(bundle, args.backend or rt.backend, rt.device, rt.threads, rt.fallback)
     log.info("%s", why)
-    ev = evaluate(bundle, Scorer(bundle, backend, rt.batch_size), args.data, progress=sys.stderr.isatty())
+    ev = evaluate(bundle, Scorer(bundle, backend, rt.batch_size, use_mask=not args.no_mask), args.data,
+                  progress=sys.stderr.isatty())
     summary = write_outputs(ev, bundle, backend.name, args.report)
     if args.json:
         print(json.dumps(summary))

@@ -25,9 +25,9 @@ from agent.mqtt import MqttConfig, Publisher, heatmap_topic, read_password
 from agent.spool import Spool
 from agent.verdict import ModelInfo, Region, Verdict
 
+from mqtt_client import PREFIX, WAIT_S, Subscriber, subscribers  # noqa: F401  (fixture)
+
 REPO = Path(__file__).resolve().parents[1]
-PREFIX = "test/line1"
-WAIT_S = 30.0  # generous: a bound on a hang, not a performance claim
 
 
 def make_verdict(i: int, frame_id: str | None = None) -> Verdict:
@@ -47,68 +47,6 @@ def encode(image: np.ndarray, ext: str = ".png") -> bytes:
     ok, buf = cv2.imencode(ext, image)
     assert ok
     return buf.tobytes()
-
-
-class Subscriber:
-    """A separate paho client that records everything under PREFIX/#."""
-
-    def __init__(self, broker: Any, protocol: int = mqtt.MQTTv5, client_id: str = "",
-                 persistent: bool = False, username: str | None = None, password: str | None = None,
-                 ca_file: Path | None = None) -> None:
-        self.messages: list[mqtt.MQTTMessage] = []
-        self._lock = threading.Lock()
-        self._subscribed = threading.Event()
-        kwargs: dict[str, Any] = {}
-        if protocol != mqtt.MQTTv5:
-            kwargs["clean_session"] = not persistent
-        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=protocol, **kwargs)
-        if username:
-            self.client.username_pw_set(username, password)
-        if ca_file:
-            self.client.tls_set(ca_certs=str(ca_file))
-        self.client.reconnect_delay_set(0.1, 0.5)
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(f"{PREFIX}/#", qos=1)
-        self.client.on_subscribe = lambda c, u, mid, rcs, p: self._subscribed.set()
-        self.client.on_message = self._on_message
-        self.client.connect(broker.host, broker.port, keepalive=30)
-        self.client.loop_start()
-        assert self._subscribed.wait(WAIT_S), "subscriber did not get its subscription"
-
-    def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
-        with self._lock:
-            self.messages.append(msg)
-
-    def on(self, topic: str) -> list[mqtt.MQTTMessage]:
-        with self._lock:
-            return [m for m in self.messages if m.topic == topic]
-
-    def verdict_ids(self) -> list[str]:
-        return [json.loads(m.payload)["frame_id"] for m in self.on(f"{PREFIX}/verdict")]
-
-    def wait_for(self, condition: Callable[[], bool], what: str) -> None:
-        deadline = time.monotonic() + WAIT_S
-        while time.monotonic() < deadline:
-            if condition():
-                return
-            time.sleep(0.02)
-        raise AssertionError(f"timed out waiting for {what}")
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-@pytest.fixture
-def subscribers() -> Iterator[Callable[..., Subscriber]]:
-    made: list[Subscriber] = []
-
-    def make(broker: Any, **kwargs: Any) -> Subscriber:
-        made.append(Subscriber(broker, **kwargs))
-        return made[-1]
-
-    yield make
-    for s in made:
-        s.close()
 
 
 def config(broker: Any, tmp_path: Path, **overrides: Any) -> MqttConfig:
@@ -151,7 +89,7 @@ def wait_until(condition: Callable[[], bool], what: str) -> None:
 _CHILD = """
 import json, sys, time, dataclasses
 from pathlib import Path
-sys.path.insert(0, sys.argv[1])
+sys.path[:0] = [sys.argv[1], sys.argv[1] + "/tests"]
 from tests.test_mqtt import make_verdict, heatmap_image, encode
 from agent.mqtt import MqttConfig, Publisher
 from agent.spool import Spool

@@ -1,0 +1,192 @@
+"""The agent end to end: a real Mosquitto, the `run` command in a subprocess, faults included."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+import yaml
+from jsonschema import Draft202012Validator
+
+from mqtt_client import WAIT_S, subscribers  # noqa: F401  (fixture)
+
+REPO = Path(__file__).resolve().parents[1]
+PREFIX = "plant/line7"
+SCHEMA = json.loads((REPO / "agent" / "verdict.schema.json").read_text())
+
+
+def write_config(tmp_path: Path, broker: Any, bundle_dir: Path, source: dict, **agent: Any) -> Path:
+    cfg = {
+        "runtime": {"backend": "onnxruntime", "threads": 1},
+        "source": source,
+        "mqtt": {"host": broker.host, "port": broker.port, "topic_prefix": PREFIX, "client_id": "agent-e2e",
+                 "reconnect_min_s": 0.1, "reconnect_max_s": 0.5, "health_interval_s": 0.5,
+                 "spool_path": str(tmp_path / "spool.sqlite")},
+        "agent": {"model": str(bundle_dir), "stop_timeout_s": 3.0, **agent},
+    }
+    path = tmp_path / "agent.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    return path
+
+
+def start_agent(config: Path, env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config)], cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def finish(proc: subprocess.Popen, timeout: float = WAIT_S) -> str:
+    _, err = proc.communicate(timeout=timeout)
+    assert proc.returncode == 0, err[-3000:]
+    return err
+
+
+def synthetic(count: int, fps: float = 0.0) -> dict:
+    return {"kind": "synthetic", "count": count, "fps": fps, "size": [160, 192], "defect_rate": 0.5, "seed": 3}
+
+
+def spooled(tmp_path: Path) -> int:
+    with sqlite3.connect(tmp_path / "spool.sqlite") as db:
+        return db.execute("select count(*) from spool where kind = 'verdict'").fetchone()[0]
+
+
+def test_n_frames_give_n_valid_verdicts_and_correlated_heatmaps(mosquitto, subscribers, padim_bundle,
+                                                                 tmp_path: Path) -> None:
+    sub = subscribers(mosquitto, prefix=PREFIX)
+    n = 12
+    finish(start_agent(write_config(tmp_path, mosquitto, padim_bundle.path, synthetic(n))))
+    sub.wait_for(lambda: len(sub.verdict_ids()) == n and len(heatmaps(sub)) == n, f"{n} verdicts and heatmaps")
+    verdicts = [json.loads(m.payload) for m in sub.on(f"{PREFIX}/verdict")]
+    validator = Draft202012Validator(SCHEMA)
+    for v in verdicts:
+        validator.validate(v)
+    ids = [v["frame_id"] for v in verdicts]
+    assert len(set(ids)) == n
+    assert {v["status"] for v in verdicts} <= {"ok", "ng"} and "ng" in {v["status"] for v in verdicts}
+    for v in verdicts:
+        assert (v["status"] == "ng") == (v["normalized_score"] >= 1.0) == bool(v["regions"])
+        assert v["model"]["id"] == padim_bundle.manifest.model_id
+        assert {"network", "head", "postprocess"} <= set(v["timings_ms"])
+    maps = heatmaps(sub)
+    assert set(maps) == set(ids)
+    for frame_id, payload in maps.items():
+        img = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
+        assert img is not None and img.shape[:2] == (160, 192), frame_id
+    status = json.loads(sub.on(f"{PREFIX}/status")[-1].payload)
+    assert status["state"] == "offline" and status["reason"] == "stopped"
+    health = [json.loads(m.payload) for m in sub.on(f"{PREFIX}/health")]
+    assert health and health[-1]["frames"] == n and "network" in health[-1]["stage_ms"]
+
+
+def heatmaps(sub) -> dict[str, bytes]:
+    return {m.topic.rsplit("/", 1)[1]: m.payload for m in sub.messages if "/heatmap/" in m.topic}
+
+
+def test_corrupt_image_gives_an_error_verdict_and_the_stream_goes_on(mosquitto, subscribers, padim_bundle,
+                                                                      sample_data: Path, tmp_path: Path) -> None:
+    folder = tmp_path / "frames"
+    folder.mkdir()
+    goods = sorted((sample_data / "test" / "good").glob("*.png"))[:3]
+    for i, p in enumerate(goods):
+        (folder / f"{i * 2:02d}.png").write_bytes(p.read_bytes())
+    (folder / "01.png").write_bytes(b"\x89PNG\r\n\x1a\n not really an image")
+    sub = subscribers(mosquitto, prefix=PREFIX)
+    finish(start_agent(write_config(tmp_path, mosquitto, padim_bundle.path, {"kind": "folder", "path": str(folder)})))
+    sub.wait_for(lambda: len(sub.verdict_ids()) == 4, "4 verdicts")
+    by_id = {json.loads(m.payload)["frame_id"]: json.loads(m.payload) for m in sub.on(f"{PREFIX}/verdict")}
+    assert by_id["01"]["status"] == "error" and "01.png" in by_id["01"]["error"]
+    assert all(by_id[k]["status"] in ("ok", "ng") for k in ("00", "02", "04"))
+    Draft202012Validator(SCHEMA).validate(by_id["01"])
+
+
+def test_broker_stopped_mid_stream_and_restarted_loses_nothing(mosquitto, subscribers, padim_bundle,
+                                                                tmp_path: Path) -> None:
+    import paho.mqtt.client as mqtt
+
+    sub = subscribers(mosquitto, prefix=PREFIX, protocol=mqtt.MQTTv311, client_id="plc", persistent=True)
+    n = 30
+    proc = start_agent(write_config(tmp_path, mosquitto, padim_bundle.path, synthetic(n, fps=10)))
+    sub.wait_for(lambda: len(sub.verdict_ids()) >= 5, "the first verdicts")
+    mosquitto.stop()
+    time.sleep(1.5)
+    assert proc.poll() is None, "the agent must keep running through a broker outage"
+    mosquitto.start()
+    finish(proc)
+    sub.wait_for(lambda: len(set(sub.verdict_ids())) == n, f"all {n} verdicts after the outage")
+
+
+def test_killed_agent_delivers_its_spool_after_restart(mosquitto, subscribers, padim_bundle, tmp_path: Path) -> None:
+    n = 8
+    mosquitto.stop()
+    proc = start_agent(write_config(tmp_path, mosquitto, padim_bundle.path, synthetic(0, fps=20)))
+    deadline = time.monotonic() + WAIT_S
+    while time.monotonic() < deadline and (not (tmp_path / "spool.sqlite").exists() or spooled(tmp_path) < n):
+        time.sleep(0.1)
+    proc.kill()  # SIGKILL: no clean stop, the spool is all that is left
+    proc.wait()
+    left = spooled(tmp_path)
+    assert left >= n
+    with sqlite3.connect(tmp_path / "spool.sqlite") as db:
+        unsent = [json.loads(p)["frame_id"] for (p,) in db.execute(
+            "select payload from spool where kind = 'verdict' order by seq")]
+
+    mosquitto.start()
+    sub = subscribers(mosquitto, prefix=PREFIX)
+    finish(start_agent(write_config(tmp_path, mosquitto, padim_bundle.path, synthetic(1))))
+    sub.wait_for(lambda: set(unsent) <= set(sub.verdict_ids()), "the spooled verdicts")
+    assert sub.verdict_ids()[:len(unsent)] == unsent  # replayed in order, before the new frame
+    assert len(sub.verdict_ids()) == len(unsent) + 1
+
+
+def test_sigterm_exits_0_quickly_and_publishes_offline(mosquitto, subscribers, padim_bundle, tmp_path: Path) -> None:
+    sub = subscribers(mosquitto, prefix=PREFIX)
+    proc = start_agent(write_config(tmp_path, mosquitto, padim_bundle.path, synthetic(0, fps=20)))
+    sub.wait_for(lambda: len(sub.verdict_ids()) >= 3, "verdicts from the running agent")
+    t = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    finish(proc, timeout=10)
+    assert time.monotonic() - t < 10
+    sub.wait_for(lambda: sub.on(f"{PREFIX}/status")
+                 and json.loads(sub.on(f"{PREFIX}/status")[-1].payload)["state"] == "offline", "offline status")
+    ids = sub.verdict_ids()
+    assert len(ids) == len(set(ids))
+
+
+def test_notify_socket_receives_ready_and_watchdog(mosquitto, padim_bundle, tmp_path: Path) -> None:
+    path = tmp_path / "notify.sock"
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(path))
+    sock.settimeout(WAIT_S)
+    proc = start_agent(write_config(tmp_path, mosquitto, padim_bundle.path, synthetic(0, fps=5)),
+                       env={"NOTIFY_SOCKET": str(path), "WATCHDOG_USEC": "400000"})
+    try:
+        got: list[str] = []
+        while not ("READY=1" in got and got.count("WATCHDOG=1") >= 2):
+            got += sock.recv(4096).decode().splitlines()
+        assert got.index("READY=1") < got.index("WATCHDOG=1")
+        proc.send_signal(signal.SIGTERM)
+        finish(proc, timeout=10)
+        while "STOPPING=1" not in got:
+            got += sock.recv(4096).decode().splitlines()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        sock.close()
+
+
+def test_run_without_a_model_exits_2(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("source:\n  kind: synthetic\n")
+    r = subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(cfg)], capture_output=True,
+                       text=True, cwd=REPO)
+    assert r.returncode == 2 and "agent.model" in r.stderr
