@@ -105,6 +105,7 @@ class Scorer:
         x = self.preprocess([cv2.resize(img, (w, h), interpolation=cv2.INTER_AREA) for img in images])
         t.lap("preprocess")
         maps, head_scores = self.maps(x, timings)
+        t.restart()  # maps() timed its own stages
         maps = maps.cpu().numpy()
         head_scores = None if head_scores is None else head_scores.cpu().numpy()
         t.lap("download")
@@ -131,6 +132,7 @@ class Scorer:
             x = self.preprocess(tiles)
             t.lap("preprocess")
             maps, scores = self.maps(x, timings)
+            t.restart()
             maps = maps.cpu().numpy()
             if scores is not None:  # a frame is as anomalous as its worst tile
                 head_score = max(head_score or -np.inf, float(scores.max()))
@@ -157,6 +159,9 @@ class _Clock:
 
     def __init__(self, device: torch.device, timings: dict[str, float] | None) -> None:
         self.timings, self.cuda = timings, device.type == "cuda"
+        self.t = time.perf_counter()
+
+    def restart(self) -> None:
         self.t = time.perf_counter()
 
     def lap(self, stage: str) -> None:
