@@ -11,6 +11,7 @@ from typing import Iterator, Literal
 
 import cv2
 import numpy as np
+import torch
 
 
 @dataclass
@@ -89,3 +90,18 @@ class Stitcher:
         if out.shape != tuple(frame_hw):
             out = cv2.resize(out, (frame_hw[1], frame_hw[0]), interpolation=cv2.INTER_LINEAR)
         return out
+
+
+def mosaic(features: torch.Tensor) -> torch.Tensor:
+    """(T, C, h, w) features of one frame's tiles -> (1, C, T*h, w): the tiles stacked in grid order.
+
+    Per-tile-position statistics are then just per-position statistics of this mosaic, so
+    the PaDiM head and its streaming fit serve both modes unchanged.
+    """
+    t, c, h, w = features.shape
+    return features.permute(1, 0, 2, 3).reshape(1, c, t * h, w)
+
+
+def unmosaic(maps: torch.Tensor, tiles: int) -> torch.Tensor:
+    """(1, T*h, w) -> (T, h, w)."""
+    return maps.reshape(tiles, -1, maps.shape[-1])

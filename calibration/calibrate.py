@@ -37,6 +37,9 @@ def split_train(paths: list[Path], holdout: float, seed: int) -> tuple[list[Path
 
 
 def calibrate(data: Path, out: Path, cfg: ModelConfig, progress: bool = True) -> Bundle:
+    if cfg.tiling.enabled and cfg.tiling.stats == "per_position" and cfg.method != "padim":
+        raise ValueError(f"model.tiling.stats: per_position is supported by method padim, not {cfg.method!r}; "
+                         "use shared")
     paths = [s.path for s in train_samples(data)]
     fit_paths, val_paths = split_train(paths, cfg.holdout, cfg.seed)
     mean, std = NORMALISATION[cfg.backbone]

@@ -40,6 +40,11 @@ class TrainImages:
         std = torch.tensor(self.std).view(1, 3, 1, 1)
         return (x - mean) / std
 
+    def per_image(self, desc: str = "fit") -> Iterator[torch.Tensor]:
+        """One normalised (T, 3, H, W) group per file: its tiles in grid order (or the image alone)."""
+        for path in tqdm(self.paths, desc=desc, unit="img", disable=not self.progress, leave=False):
+            yield self.normalise(self.model_images(path))
+
     def batches(self, desc: str = "fit") -> Iterator[torch.Tensor]:
         """Normalised (B, 3, H, W) batches over every image (or tile), in file order."""
         pending: list[np.ndarray] = []

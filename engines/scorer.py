@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from agent.tiling import Stitcher, TileGrid, TilingConfig, iter_tiles, make_grid, prepare_frame
+from agent.tiling import Stitcher, TileGrid, TilingConfig, iter_tiles, make_grid, mosaic, prepare_frame, unmosaic
 from engines.bundle import Bundle
 from engines.heads import build_head
 from engines.runtimes.base import Backend
@@ -76,11 +76,15 @@ class Scorer:
         raw = self.head(outputs, x)
         raw, image_scores = raw if isinstance(raw, tuple) else (raw, None)
         t.lap("head")
+        up = self._upsample_blur(raw)
+        t.lap("postprocess")
+        return up, image_scores
+
+    def _upsample_blur(self, raw: torch.Tensor) -> torch.Tensor:
         up = F.interpolate(raw[:, None], size=self.input_hw, mode="bilinear", align_corners=False)
         if self.kernel is not None:
             up = _blur(up, self.kernel)
-        t.lap("postprocess")
-        return up[:, 0], image_scores
+        return up[:, 0]
 
     def score_frame(self, image: np.ndarray) -> FrameScore:
         """A whole frame, resized or tiled as the bundle was calibrated."""
@@ -126,6 +130,8 @@ class Scorer:
         frame_hw = image.shape[:2]
         grid = self._grid(frame_hw)
         frame = prepare_frame(image, grid, self.tiling.scale)
+        if self.tiling.stats == "per_position":
+            return self._score_per_position(frame, frame_hw, grid, t, timings)
         stitcher = Stitcher(grid)
         head_score = None
         for idx, tiles in iter_tiles(frame, grid, self.batch_size):
@@ -145,6 +151,35 @@ class Scorer:
         if head_score is None:
             return FrameScore(full, float(full.max()), timings)
         return FrameScore(full, head_score, timings, True)
+
+
+    @torch.inference_mode()
+    def _score_per_position(self, frame: np.ndarray, frame_hw: tuple[int, int], grid: TileGrid, t: "_Clock",
+                            timings: dict[str, float]) -> FrameScore:
+        """Aligned parts: every tile position has its own statistics, so all tiles go to the head together."""
+        expected = int(self.bundle.manifest.head.get("tiles", 0))
+        if len(grid) != expected:
+            raise ValueError(f"frame {frame_hw[1]}x{frame_hw[0]} gives {len(grid)} tiles, but model "
+                             f"{self.bundle.manifest.model_id} has statistics for {expected} tile positions "
+                             "(calibrated on another frame size)")
+        feats = []
+        for _, tiles in iter_tiles(frame, grid, self.batch_size):
+            x = self.preprocess(tiles)
+            t.lap("preprocess")
+            feats.append(self.backend.run(x)[0])
+            t.lap("network")
+        raw = self.head([mosaic(torch.cat(feats))], None)
+        t.lap("head")
+        maps = self._upsample_blur(unmosaic(raw, len(grid)))
+        t.lap("postprocess")
+        maps = maps.cpu().numpy()
+        t.lap("download")
+        stitcher = Stitcher(grid)
+        for i, m in enumerate(maps):
+            stitcher.add(i, m)
+        full = stitcher.result(frame_hw, self.tiling.scale)
+        t.lap("stitch")
+        return FrameScore(full, float(full.max()), timings)
 
 
 def _blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:
