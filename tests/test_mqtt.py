@@ -25,7 +25,7 @@ from agent.mqtt import MqttConfig, Publisher, heatmap_topic, read_password
 from agent.spool import Spool
 from agent.verdict import ModelInfo, Region, Verdict
 
-from mqtt_client import PREFIX, WAIT_S, Subscriber, subscribers  # noqa: F401  (fixture)
+from mqtt_client import PREFIX, WAIT_S, Subscriber, subscribers, wait_until  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -71,15 +71,6 @@ def publishers() -> Iterator[Callable[[MqttConfig], Publisher]]:
     for pub in made:
         pub.stop(timeout_s=1.0)
         pub.spool.close()
-
-
-def wait_until(condition: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.02)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 # A publisher in its own process, to be killed with SIGKILL. It publishes N verdicts (every
