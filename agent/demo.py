@@ -43,18 +43,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--count", type=int, default=40, help="synthetic frames to stream")
     p.add_argument("--fps", type=float, default=10.0)
     p.add_argument("--frames", type=Path, default=None, help="stream this image folder instead")
+    p.add_argument("--size", type=int, nargs=2, default=[256, 256], metavar=("H", "W"), help="synthetic frame size")
+    p.add_argument("--model", type=Path, default=None, help="serve this bundle instead of the demo's own")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     logging.getLogger("agent.mqtt").setLevel(logging.WARNING)
 
-    bundle = _model(args.workdir)
+    bundle = load_bundle(args.model) if args.model else _model(args.workdir)
     broker = _Broker()
     try:
         received = _Subscriber(broker.port)
         cfg = Config()
         cfg.agent.model = bundle.path
         cfg.source = (SourceConfig(kind="folder", path=args.frames) if args.frames else
-                      SourceConfig(kind="synthetic", count=args.count, fps=args.fps, size=[256, 256], seed=7))
+                      SourceConfig(kind="synthetic", count=args.count, fps=args.fps, size=args.size, seed=7))
         cfg.mqtt = MqttConfig(host="127.0.0.1", port=broker.port, topic_prefix=PREFIX, client_id="demo-agent",
                               spool_path=args.workdir / "spool.sqlite", health_interval_s=2.0)
         run(cfg, threading.Event())
