@@ -35,7 +35,8 @@ class PadimHead(nn.Module):
     def __init__(self, params: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
         super().__init__()
         self.maha = MahalanobisHead(tensors["mean"], tensors["inv_cov"], tensors["channels"],
-                                    half=bool(params.get("half", False)))
+                                    half=bool(params.get("half", False)),
+                                    factor=str(params.get("factor", "inverse")))
 
     def forward(self, outputs: list[torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
         return self.maha(outputs[0])

@@ -16,17 +16,20 @@ class OrtBackendConfig:
     threads: int = 0                 # intra-op threads; 0 = one per core
     optimization: str = "all"        # basic | extended | all
     providers: tuple[str, ...] = ("CPUExecutionProvider",)
+    model: str = "model.onnx"        # or "model.int8.onnx", written by engines.quantize
+    spinning: bool = False           # busy-wait between ops: faster on an idle box, steals shared cores
 
 
 class OrtBackend:
-    name = "onnxruntime"
+    name = "onnxruntime"  # the INT8 network reports "onnxruntime-int8"
     device = torch.device("cpu")
 
     def __init__(self, bundle: Bundle, cfg: OrtBackendConfig) -> None:
         import onnxruntime as ort
 
-        if not bundle.onnx_path.is_file():
-            raise BackendError(f"{bundle.onnx_path}: bundle has no ONNX network")
+        path = bundle.path / cfg.model
+        if not path.is_file():
+            raise BackendError(f"{path}: bundle has no such ONNX network")
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = cfg.threads or (os.cpu_count() or 1)
         opts.inter_op_num_threads = 1
@@ -36,8 +39,13 @@ class OrtBackend:
             "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
             "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
         }[cfg.optimization]
-        self.session = ort.InferenceSession(str(bundle.onnx_path), opts, providers=list(cfg.providers))
+        spin = "1" if cfg.spinning else "0"
+        opts.add_session_config_entry("session.intra_op.allow_spinning", spin)
+        opts.add_session_config_entry("session.inter_op.allow_spinning", spin)
+        self.session = ort.InferenceSession(str(path), opts, providers=list(cfg.providers))
         self.input_name = self.session.get_inputs()[0].name
+        if cfg.model != "model.onnx":
+            self.name = "onnxruntime-" + cfg.model.removeprefix("model.").removesuffix(".onnx")
 
     def run(self, x: torch.Tensor) -> list[torch.Tensor]:
         # from_numpy shares the buffers: the head reads ONNX Runtime's output without a copy.

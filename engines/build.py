@@ -1,0 +1,208 @@
+"""compile the bundle's network into a TensorRT plan for this GPU (offline, once per device)
+
+Steps: make sure the bundle holds the network as ONNX with a dynamic batch axis (re-exported
+from network.safetensors if not), then, where the ``tensorrt`` module imports and torch sees a
+CUDA device, build a serialized plan with the TensorRT 10 Python API (optimisation profile for
+batch 1..N, FP16 or INT8 with an entropy calibrator fed by good images, a timing cache kept
+beside the plans) and write it with its manifest to ``BUNDLE/plans``.
+
+TensorRT cannot be installed in the workplace this was written in: the build code follows
+the TensorRT 10 API but has not been run (see docs/engines.md).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from engines.bundle import Bundle, load_bundle, sha256, write_manifest
+from engines.plan import (PRECISIONS, PlanManifest, batch_profile, plan_name, plan_paths,
+                          write_plan_manifest)
+
+log = logging.getLogger(__name__)
+
+EXIT_UNAVAILABLE = 3  # the build cannot run on this machine (no TensorRT, no CUDA device)
+TIMING_CACHE = "timing.cache"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", type=Path, required=True, help="the bundle directory")
+    p.add_argument("--precision", choices=PRECISIONS, default="fp16")
+    p.add_argument("--batch", type=int, default=8, help="largest batch the plan serves (profile 1..N)")
+    p.add_argument("--data", type=Path, default=None,
+                   help="good images for INT8 calibration: DIR/train/good or a folder of images")
+    p.add_argument("--calibration-images", type=int, default=64, help="INT8: how many good images to use")
+    p.add_argument("--workspace-mb", type=int, default=2048, help="builder workspace memory pool limit")
+
+
+def command(args: argparse.Namespace, cfg: Any) -> int:
+    profile = batch_profile(args.batch)  # argument errors first, before any work
+    if args.precision == "int8" and args.data is None:
+        raise ValueError("build-engine --precision int8 needs --data DIR with good images for calibration")
+    bundle = load_bundle(args.model)
+    onnx_path = ensure_dynamic_onnx(bundle)
+    try:
+        import tensorrt as trt
+    except ImportError:
+        print(f"build-engine: TensorRT is not installed here (pip install 'tensorrt>=10,<11' on a machine with "
+              f"an NVIDIA GPU); the ONNX network is ready at {onnx_path}", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    if not torch.cuda.is_available():
+        print("build-engine: torch sees no CUDA device; a TensorRT plan can only be built on the GPU it will "
+              "run on", file=sys.stderr)
+        return EXIT_UNAVAILABLE
+    plan, manifest = build_plan(trt, bundle, args.precision, profile, args.data, args.calibration_images,
+                                args.workspace_mb << 20)
+    print(f"{plan} ({manifest.precision}, batch 1..{manifest.max_batch}, {manifest.gpu_name}, "
+          f"TensorRT {manifest.tensorrt_version}, {manifest.build_s:.0f} s)")
+    return 0
+
+
+def has_dynamic_batch(onnx_path: Path) -> bool:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    dim0 = model.graph.input[0].type.tensor_type.shape.dim[0]
+    return bool(dim0.dim_param) or not dim0.HasField("dim_value")
+
+
+def ensure_dynamic_onnx(bundle: Bundle) -> Path:
+    """The bundle's ONNX with a dynamic batch axis; exported (and the manifest re-hashed) if missing."""
+    path = bundle.onnx_path
+    if path.is_file() and has_dynamic_batch(path):
+        return path
+    from engines.export import export_onnx
+    from engines.network import build_network
+
+    log.info("exporting %s with a dynamic batch axis", path)
+    net = build_network(bundle.manifest.network, bundle.network_state())
+    export_onnx(net, path, bundle.manifest.input_hw)
+    write_manifest(bundle.path, bundle.manifest)
+    return path
+
+
+def gpu_identity() -> tuple[str, str]:
+    """Name and compute capability ("8.6") of torch's current CUDA device."""
+    dev = torch.cuda.current_device()
+    major, minor = torch.cuda.get_device_capability(dev)
+    return torch.cuda.get_device_name(dev), f"{major}.{minor}"
+
+
+def build_plan(trt: Any, bundle: Bundle, precision: str, profile: dict[str, list[int]], data: Path | None,
+               n_calibration: int, workspace_bytes: int) -> tuple[Path, PlanManifest]:
+    """Build and write one plan; torch initialises CUDA first, so TensorRT joins its context."""
+    torch.cuda.init()
+    gpu_name, cc = gpu_identity()
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    network = builder.create_network(0)  # TensorRT 10: explicit batch is the only mode
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(str(bundle.onnx_path)):
+        errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+        raise ValueError(f"{bundle.onnx_path}: TensorRT cannot parse the ONNX network: {errors}")
+    inp = network.get_input(0)
+    outputs = [network.get_output(i).name for i in range(network.num_outputs)]
+    h, w = bundle.manifest.input_hw
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
+    opt_profile = builder.create_optimization_profile()
+    shapes = {k: (v[0], 3, h, w) for k, v in profile.items()}
+    opt_profile.set_shape(inp.name, shapes["min"], shapes["opt"], shapes["max"])
+    config.add_optimization_profile(opt_profile)
+    if precision in ("fp16", "int8"):
+        config.set_flag(trt.BuilderFlag.FP16)  # INT8 layers fall back to FP16, not FP32, where faster
+    calibrator = None
+    if precision == "int8":
+        if not builder.platform_has_fast_int8:
+            log.warning("%s has no fast INT8; the plan may be slower than FP16", gpu_name)
+        config.set_flag(trt.BuilderFlag.INT8)
+        cal_batch = min(profile["max"][0], 8)
+        cal_profile = builder.create_optimization_profile()
+        cal_shape = (cal_batch, 3, h, w)
+        cal_profile.set_shape(inp.name, cal_shape, cal_shape, cal_shape)
+        config.set_calibration_profile(cal_profile)
+        name = plan_name(precision, profile["max"][0], cc)
+        calibrator = make_calibrator(trt, calibration_batches(bundle, data, n_calibration, cal_batch), cal_batch,
+                                     plan_paths(bundle.path, name)[0].with_suffix(".calib"))
+        config.int8_calibrator = calibrator
+
+    cache_path = bundle.path / "plans" / TIMING_CACHE
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+    t0 = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    if serialized is None:
+        raise ValueError(f"TensorRT could not build a {precision} plan for {bundle.onnx_path} (see its log above)")
+    build_s = time.perf_counter() - t0
+
+    name = plan_name(precision, profile["max"][0], cc)
+    plan_path, manifest_path = plan_paths(bundle.path, name)
+    plan_path.parent.mkdir(parents=True, exist_ok=True)
+    plan_path.write_bytes(bytes(serialized))
+    cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
+    manifest = PlanManifest(tensorrt_version=trt.__version__, gpu_name=gpu_name, compute_capability=cc,
+                            precision=precision, input_name=inp.name, input_hw=[h, w], profile=profile,
+                            output_names=outputs, onnx_sha256=sha256(bundle.onnx_path),
+                            plan_sha256=sha256(plan_path), build_s=build_s)
+    write_plan_manifest(manifest_path, manifest)
+    return plan_path, manifest
+
+
+def calibration_paths(data: Path, limit: int) -> list[Path]:
+    """Good images for INT8 calibration: DIR/train/good when it exists, else the images in DIR."""
+    root = data / "train" / "good" if (data / "train" / "good").is_dir() else data
+    exts = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"}
+    paths = sorted(p for p in root.iterdir() if p.suffix.lower() in exts) if root.is_dir() else []
+    if not paths:
+        raise FileNotFoundError(f"{root}: no good images for INT8 calibration")
+    step = max(1, len(paths) // limit)  # spread over the set rather than the first few files
+    return paths[::step][:limit]
+
+
+def calibration_batches(bundle: Bundle, data: Path, limit: int, batch: int) -> Iterator[torch.Tensor]:
+    """Normalised full batches, exactly as the scorer feeds the network (resized or tiled)."""
+    from agent.tiling import TilingConfig
+    from calibration.images import TrainImages
+
+    m = bundle.manifest
+    images = TrainImages(calibration_paths(data, limit), m.input_hw, TilingConfig(**m.tiling), batch,
+                         tuple(m.input["mean"]), tuple(m.input["std"]), progress=True)
+    for x in images.batches(desc="int8 calibration"):
+        if x.shape[0] == batch:  # the calibration profile has one fixed batch size
+            yield x
+
+
+def make_calibrator(trt: Any, batches: Iterator[torch.Tensor], batch: int, cache: Path) -> Any:
+    """An IInt8EntropyCalibrator2 that hands TensorRT torch CUDA buffers (torch owns the memory)."""
+
+    class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
+        def __init__(self) -> None:
+            trt.IInt8EntropyCalibrator2.__init__(self)
+            self.current: torch.Tensor | None = None
+
+        def get_batch_size(self) -> int:
+            return batch
+
+        def get_batch(self, names: list[str]) -> list[int] | None:
+            x = next(batches, None)
+            if x is None:
+                return None
+            self.current = x.cuda().contiguous()  # kept alive until the next call
+            torch.cuda.current_stream().synchronize()
+            return [int(self.current.data_ptr())]
+
+        def read_calibration_cache(self) -> bytes | None:
+            return cache.read_bytes() if cache.is_file() else None
+
+        def write_calibration_cache(self, data: Any) -> None:
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            cache.write_bytes(bytes(data))
+
+    return EntropyCalibrator()

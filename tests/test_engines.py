@@ -1,0 +1,145 @@
+"""build-engine without TensorRT, Mahalanobis head variants (Cholesky, FP16) against the
+reference, the tuned CPU backends and INT8 quantisation."""
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from calibration.data import read_image, test_samples as list_test_samples
+from engines.build import has_dynamic_batch
+from engines.bundle import MANIFEST, ONNX, load_bundle, write_manifest
+from engines.mahalanobis import MahalanobisHead
+from engines.runtimes.base import BackendError
+from engines.runtimes.onnxruntime_backend import OrtBackend, OrtBackendConfig
+from engines.runtimes.torch_backend import TorchBackend, TorchBackendConfig, Uploader
+from engines.scorer import Scorer
+
+REPO = Path(__file__).resolve().parents[1]
+HAS_TRT = importlib.util.find_spec("tensorrt") is not None
+# FP32 variants: the same sums in another order. FP16 storage of the Cholesky factor: whitened
+# values keep the relative error of a distance near 2^-11 / sqrt(D); 1e-3 is the runtime tolerance.
+EXACT_RTOL, PARITY_RTOL = 1e-5, 1e-3
+
+
+def _copy(bundle, tmp_path: Path) -> Path:
+    dst = tmp_path / "bundle"
+    shutil.copytree(bundle.path, dst)
+    return dst
+
+
+def _agent(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "agent", *args], capture_output=True, text=True, cwd=REPO)
+
+
+@pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed here; this covers the machine without it")
+def test_build_engine_without_tensorrt_exports_onnx_and_exits_3(padim_bundle, tmp_path: Path) -> None:
+    path = _copy(padim_bundle, tmp_path)
+    (path / ONNX).unlink()  # a bundle without the ONNX network: build-engine exports it first
+    write_manifest(path, load_bundle(path, verify=False).manifest)
+    assert ONNX not in load_bundle(path).manifest.files
+    r = _agent("build-engine", "--model", str(path), "--precision", "fp16", "--batch", "4")
+    assert r.returncode == 3
+    said = [line for line in r.stderr.splitlines() if "TensorRT" in line]  # besides the export's log line
+    assert len(said) == 1 and said[0].startswith("build-engine: TensorRT is not installed here"), r.stderr
+    assert has_dynamic_batch(path / ONNX) and ONNX in load_bundle(path).manifest.files
+
+
+def test_build_engine_int8_needs_calibration_images(padim_bundle) -> None:
+    r = _agent("build-engine", "--model", str(padim_bundle.path), "--precision", "int8")
+    assert r.returncode == 2 and "needs --data DIR with good images" in r.stderr
+
+
+def _spd(p: int, d: int, gen: torch.Generator) -> torch.Tensor:
+    a = torch.randn(p, d, d, generator=gen)
+    return a @ a.transpose(1, 2) / d + 0.1 * torch.eye(d)
+
+
+def test_cholesky_and_fp16_heads_match_the_inverse() -> None:
+    gen = torch.Generator().manual_seed(0)
+    p, d, c = 36, 24, 40
+    mean, inv = torch.randn(p, d, generator=gen), _spd(p, d, gen)
+    channels = torch.randperm(c, generator=gen)[:d]
+    feats = torch.randn(5, c, 6, 6, generator=gen) * 3
+    ref = MahalanobisHead(mean, inv, channels)(feats)
+    x = feats[:, channels].flatten(2).permute(0, 2, 1)
+    direct = torch.einsum("bpd,pde,bpe->bp", x - mean, inv, x - mean).sqrt().reshape(5, 6, 6)
+    torch.testing.assert_close(ref, direct, rtol=EXACT_RTOL, atol=1e-5)
+    chol = MahalanobisHead(mean, inv, channels, factor="cholesky")(feats)
+    torch.testing.assert_close(chol, ref, rtol=EXACT_RTOL, atol=1e-5)
+    # FP16 storage, upcast in chunks of a few positions on the CPU (chunk_bytes forces 3+ chunks).
+    half = MahalanobisHead(mean, inv, channels, half=True, factor="cholesky", chunk_bytes=12 * 4 * d * d)
+    assert half.matrix.dtype == torch.float16
+    torch.testing.assert_close(half(feats), ref, rtol=PARITY_RTOL, atol=0)
+    with pytest.raises(ValueError, match="'inverse' or 'cholesky'"):
+        MahalanobisHead(mean, inv, channels, factor="lu")
+
+
+def test_head_variants_on_a_calibrated_bundle(padim_bundle, sample_data: Path) -> None:
+    t = padim_bundle.head_tensors()
+    images = [read_image(s.path) for s in list_test_samples(sample_data)[:4]]
+    backend = TorchBackend(padim_bundle, TorchBackendConfig("cpu"))
+    scorer = Scorer(padim_bundle, backend)
+    h, w = padim_bundle.manifest.input_hw
+    import cv2
+
+    feats = backend.run(scorer.preprocess([cv2.resize(i, (w, h)) for i in images]))[0]
+    ref = MahalanobisHead(t["mean"], t["inv_cov"], t["channels"])(feats)
+    for kwargs in ({"factor": "cholesky"}, {"factor": "cholesky", "half": True}):
+        out = MahalanobisHead(t["mean"], t["inv_cov"], t["channels"], **kwargs)(feats)
+        torch.testing.assert_close(out, ref, rtol=PARITY_RTOL, atol=0, msg=str(kwargs))
+
+
+def test_channels_last_torch_matches_reference(padim_bundle) -> None:
+    x = torch.randn(2, 3, *padim_bundle.manifest.input_hw, generator=torch.Generator().manual_seed(3))
+    ref = TorchBackend(padim_bundle, TorchBackendConfig("cpu")).run(x)[0]
+    out = TorchBackend(padim_bundle, TorchBackendConfig("cpu", channels_last=True)).run(x)[0]
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    with pytest.raises(BackendError, match="need a CUDA device"):
+        TorchBackend(padim_bundle, TorchBackendConfig("cpu", half=True))
+
+
+def test_cpu_uploader_shares_the_host_batch() -> None:
+    batch = np.arange(2 * 4 * 5 * 3, dtype=np.uint8).reshape(2, 4, 5, 3)
+    out = Uploader(torch.device("cpu"), 2, (4, 5)).put(batch)
+    assert out.data_ptr() == batch.ctypes.data  # no copy on the CPU path
+
+
+def test_ort_backend_names_a_missing_network(padim_bundle) -> None:
+    with pytest.raises(BackendError, match="model.int8.onnx: bundle has no such ONNX network"):
+        OrtBackend(padim_bundle, OrtBackendConfig(model="model.int8.onnx"))
+
+
+def test_int8_quantisation_writes_a_hashed_network(padim_bundle, sample_data: Path, tmp_path: Path) -> None:
+    from engines.quantize import INT8_ONNX, quantize_bundle
+
+    path = _copy(padim_bundle, tmp_path)
+    bundle = quantize_bundle(load_bundle(path), sample_data, images=4)
+    assert INT8_ONNX in load_bundle(path).manifest.files  # re-hashed: loads with verification
+    assert bundle.manifest.model_id != padim_bundle.manifest.model_id
+    assert (path / INT8_ONNX).stat().st_size < 0.5 * (path / ONNX).stat().st_size
+    scorer = Scorer(bundle, OrtBackend(bundle, OrtBackendConfig()))
+    h, w = bundle.manifest.input_hw
+    import cv2
+
+    x = scorer.preprocess([cv2.resize(read_image(s.path), (w, h)) for s in list_test_samples(sample_data)[:2]])
+    fp32 = OrtBackend(bundle, OrtBackendConfig()).run(x)[0]
+    int8 = OrtBackend(bundle, OrtBackendConfig(model=INT8_ONNX))
+    assert int8.name == "onnxruntime-int8"
+    q = int8.run(x)[0]
+    # Quantisation is judged on evaluate metrics, not parity; here only that it is the same network.
+    corr = np.corrcoef(q.flatten().numpy(), fp32.flatten().numpy())[0, 1]
+    assert q.shape == fp32.shape and corr > 0.8, corr
+    assert json_manifest_lists(path, INT8_ONNX)
+
+
+def json_manifest_lists(path: Path, name: str) -> bool:
+    import json
+
+    return name in json.loads((path / MANIFEST).read_text())["files"]
