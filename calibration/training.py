@@ -1,0 +1,116 @@
+"""The training loop the learned methods share (autoencoders, GANs): seeded, with progress,
+early stopping on a criterion measured on held-out good images, on CUDA where present.
+
+A method supplies one optimisation step on a batch and a validation criterion (lower is
+better); the loop shuffles, steps, validates once per epoch, keeps the best weights and stops
+after ``patience`` epochs without improvement.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from calibration.images import TrainImages
+
+log = logging.getLogger(__name__)
+
+Step = Callable[[torch.Tensor], dict[str, float]]
+Criterion = Callable[[], float]
+
+
+@dataclass
+class TrainLog:
+    epochs_run: int
+    best_epoch: int
+    best_val: float
+    stopped_early: bool
+    fit_s: float
+    history: list[dict[str, float]] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return {"epochs_run": self.epochs_run, "best_epoch": self.best_epoch, "best_val": self.best_val,
+                "stopped_early": self.stopped_early, "fit_s": self.fit_s, "history": self.history}
+
+
+def train_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch, numpy and random; returns a generator for the data order and latents."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+@torch.inference_mode()
+def load_all(images: TrainImages, desc: str, transform: nn.Module | None = None,
+             device: torch.device | None = None) -> torch.Tensor:
+    """Every (transformed) batch once, concatenated on the CPU: the epochs then skip decoding."""
+    out = []
+    for x in images.batches(desc):
+        if transform is not None:
+            x = transform(x.to(device or "cpu")).cpu()
+        out.append(x)
+    if not out:
+        raise ValueError(f"{desc}: no training images")
+    return torch.cat(out).clone()
+
+
+def shuffled(data: torch.Tensor, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    order = torch.randperm(len(data), generator=gen)
+    for i in range(0, len(data), batch_size):
+        yield data[order[i:i + batch_size]]
+
+
+def fit_loop(modules: dict[str, nn.Module], data: torch.Tensor, step: Step, criterion: Criterion,
+             epochs: int, patience: int, batch_size: int, gen: torch.Generator, device: torch.device,
+             desc: str, progress: bool = True) -> TrainLog:
+    """Train; on return ``modules`` hold the weights of the best validation epoch."""
+    start = time.perf_counter()
+    best, best_epoch, best_state, history = float("inf"), 0, None, []
+    bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False)
+    for epoch in bar:
+        for m in modules.values():
+            m.train()
+        sums: dict[str, float] = {}
+        n = 0
+        for batch in shuffled(data, batch_size, gen):
+            for k, v in step(batch.to(device)).items():
+                sums[k] = sums.get(k, 0.0) + v
+            n += 1
+        for m in modules.values():
+            m.eval()
+        with torch.no_grad():
+            val = float(criterion())
+        record = {"epoch": epoch, "val": val, **{k: v / max(n, 1) for k, v in sums.items()}}
+        history.append(record)
+        bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "epoch"})
+        log.debug("%s epoch %d: %s", desc, epoch, record)
+        if val < best:
+            best, best_epoch = val, epoch
+            best_state = {name: copy.deepcopy(m.state_dict()) for name, m in modules.items()}
+        elif epoch - best_epoch >= patience:
+            break
+    if best_state is not None:
+        for name, m in modules.items():
+            m.load_state_dict(best_state[name])
+    epochs_run = len(history)
+    log.info("%s: %d epochs, best val %.5g at epoch %d", desc, epochs_run, best, best_epoch)
+    return TrainLog(epochs_run, best_epoch, best, epochs_run < epochs, time.perf_counter() - start, history)
+
+
+def batched(data: torch.Tensor, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:
+    """Fixed-order batches for validation."""
+    for i in range(0, len(data), batch_size):
+        yield data[i:i + batch_size].to(device)

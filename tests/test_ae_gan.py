@@ -1,0 +1,201 @@
+"""Autoencoders (ae-l2, ae-ssim) and GANs (gan, algan): residual maths, the shared training loop,
+reproducibility, bundles, torch-vs-ONNX-Runtime parity (tiled and untiled) and evaluation."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from agent.tiling import TilingConfig
+from calibration.calibrate import calibrate, split_train
+from calibration.data import read_image, test_samples as list_test_samples, train_samples
+from calibration.evaluate import evaluate
+from calibration.fit import get_fitter
+from calibration.images import TrainImages
+from calibration.training import fit_loop
+from engines.autoencoder import gaussian_window, l2_residual, ssim_map, ssim_residual
+from engines.backbones import NORMALISATION
+from engines.runtimes.onnxruntime_backend import OrtBackend, OrtBackendConfig
+from engines.runtimes.torch_backend import TorchBackend, TorchBackendConfig
+from engines.scorer import Scorer
+from conftest import small_model_config
+
+REPO = Path(__file__).resolve().parents[1]
+# ONNX Runtime fuses and reorders float32 convolutions; residuals and SSIM are differences of
+# nearly equal values, so they get a slightly looser bound than the feature heads' 1e-3.
+PARITY_RTOL = 2e-3
+SIZE = [64, 64]
+
+# (name, method, on_features, tiled): every method, the feature variants, and tiles for the GAN.
+VARIANTS = [("ae-l2", "ae-l2", False, False), ("ae-ssim", "ae-ssim", False, False),
+            ("ae-l2-features", "ae-l2", True, False), ("gan", "gan", False, False),
+            ("gan-tiled", "gan", False, True), ("algan", "algan", False, False),
+            ("algan-features", "algan", True, False)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    # Training many tiny batches on a shared, oversubscribed CPU: more threads only spin.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def tiny_config(method: str, on_features: bool = False, tiled: bool = False, epochs: int = 2, seed: int = 0):
+    cfg = small_model_config(method, input_size=list(SIZE), seed=seed)
+    cfg.train = replace(cfg.train, epochs=epochs, batch_size=8, latent_dim=32, patience=2, on_features=on_features,
+                        lr=1e-3 if method.startswith("ae") else 2e-4)
+    if tiled:
+        cfg.tiling = TilingConfig(enabled=True, overlap=0.25)
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def bundles(sample_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    root = tmp_path_factory.mktemp("aegan")
+    return {name: calibrate(sample_data, root / name, tiny_config(method, feats, tiled), progress=False)
+            for name, method, feats, tiled in VARIANTS}
+
+
+# --- residual maths ---------------------------------------------------------------------------
+
+def test_ssim_matches_direct_formula_at_an_interior_pixel() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a = torch.rand(1, 2, 24, 24, generator=gen)
+    b = (a + 0.2 * torch.rand(1, 2, 24, 24, generator=gen)).clamp(0, 1)
+    win = gaussian_window(11, 1.5)
+    got = ssim_map(a, b, win, data_range=1.0)
+    y, x = 12, 9
+    w = win.double()
+    for c in range(2):
+        pa, pb = a[0, c, y - 5:y + 6, x - 5:x + 6].double(), b[0, c, y - 5:y + 6, x - 5:x + 6].double()
+        ma, mb = (w * pa).sum(), (w * pb).sum()
+        va, vb = (w * (pa - ma) ** 2).sum(), (w * (pb - mb) ** 2).sum()
+        cov = (w * (pa - ma) * (pb - mb)).sum()
+        c1, c2 = 0.01 ** 2, 0.03 ** 2
+        ref = (2 * ma * mb + c1) * (2 * cov + c2) / ((ma ** 2 + mb ** 2 + c1) * (va + vb + c2))
+        assert got[0, c, y, x].item() == pytest.approx(ref.item(), abs=1e-5)
+
+
+def test_ssim_sees_structure_that_l2_weighs_the_same() -> None:
+    gen = torch.Generator().manual_seed(1)
+    target = torch.full((1, 1, 32, 32), 0.5)
+    shifted = target + 0.1                                               # brightness change: same structure
+    noise = torch.randn(1, 1, 32, 32, generator=gen)
+    textured = target + 0.1 * noise / noise.pow(2).mean().sqrt()         # new structure, same energy
+    win = gaussian_window()
+    assert l2_residual(target, shifted).mean().item() == pytest.approx(l2_residual(target, textured).mean().item(),
+                                                                       rel=1e-4)
+    assert ssim_residual(target, textured, win, 1.0).mean() > 5 * ssim_residual(target, shifted, win, 1.0).mean()
+    assert ssim_residual(target, target, win, 1.0).abs().max() < 1e-5
+
+
+# --- the training loop ------------------------------------------------------------------------
+
+def test_fit_loop_stops_after_patience_and_restores_the_best_epoch() -> None:
+    net = nn.Linear(1, 1, bias=False)
+    vals = iter([3.0, 2.0, 2.5, 2.6, 2.7, 1.0, 0.5])
+
+    def step(_x: torch.Tensor) -> dict[str, float]:
+        with torch.no_grad():
+            net.weight += 1.0
+        return {"loss": 0.0}
+
+    initial = net.weight.item()
+    data = torch.zeros(4, 1)  # one batch per epoch: the weight counts the epochs
+    log = fit_loop({"net": net}, data, step, lambda: next(vals), epochs=7, patience=2, batch_size=4,
+                   gen=torch.Generator().manual_seed(0), device=torch.device("cpu"), desc="toy", progress=False)
+    assert (log.epochs_run, log.best_epoch, log.best_val, log.stopped_early) == (4, 2, 2.0, True)
+    assert net.weight.item() == pytest.approx(initial + 2.0)  # the weights after epoch 2, not epoch 4
+
+
+def test_training_is_reproducible_from_the_seed(sample_data: Path) -> None:
+    paths = [s.path for s in train_samples(sample_data)]
+    fit, held = split_train(paths, 0.2, 0)
+    mean, std = NORMALISATION["efficientnet_lite0"]
+    images = [TrainImages(p, tuple(SIZE), TilingConfig(), 8, mean, std, progress=False) for p in (fit, held)]
+    for method in ("ae-ssim", "algan"):
+        runs = [get_fitter(method)(tiny_config(method, epochs=1, seed=s), *images) for s in (0, 0, 1)]
+        same, other = runs[0].network_state, runs[2].network_state
+        for k, v in same.items():
+            torch.testing.assert_close(runs[1].network_state[k], v, rtol=0, atol=0)
+        assert any(not torch.equal(other[k], v) for k, v in same.items()), f"{method}: seed has no effect"
+
+
+# --- bundles, parity, evaluation --------------------------------------------------------------
+
+@pytest.mark.parametrize("name", [v[0] for v in VARIANTS])
+def test_onnxruntime_matches_torch_reference(bundles: dict, sample_data: Path, name: str) -> None:
+    bundle = bundles[name]
+    images = [read_image(s.path) for s in list_test_samples(sample_data)]
+    ref = Scorer(bundle, TorchBackend(bundle, TorchBackendConfig("cpu")))
+    ort = Scorer(bundle, OrtBackend(bundle, OrtBackendConfig(threads=1)))
+    r, o = ref.score_frames(images), ort.score_frames(images)
+    ref_scores = np.array([f.score for f in r])
+    assert np.all(np.isfinite(ref_scores)) and ref_scores.max() > 0
+    np.testing.assert_allclose([f.score for f in o], ref_scores, rtol=PARITY_RTOL)
+    for a, b in zip(r, o):
+        assert a.map.shape == b.map.shape == images[0].shape[:2]
+        np.testing.assert_allclose(b.map, a.map, rtol=PARITY_RTOL, atol=PARITY_RTOL * ref_scores.max())
+
+
+@pytest.mark.parametrize("name", [v[0] for v in VARIANTS])
+def test_bundle_records_network_head_and_training(bundles: dict, name: str) -> None:
+    m = bundles[name].manifest
+    assert m.method == name.split("-features")[0].split("-tiled")[0]
+    assert m.network["kind"] in ("autoencoder", "gan", "algan")
+    assert m.head["input_size"] == SIZE and m.head["epochs"] == 2
+    fit = m.score_stats["fit"]
+    assert 1 <= fit["epochs_run"] <= 2 and len(fit["history"]) == fit["epochs_run"]
+    assert m.threshold["threshold"] > m.normalizer["center"]
+    for f in m.files:  # safetensors and ONNX only, no pickle
+        assert not (bundles[name].path / f).read_bytes().startswith(b"\x80")
+
+
+def test_algan_map_is_spatial(bundles: dict, sample_data: Path) -> None:
+    bundle = bundles["algan"]
+    scorer = Scorer(bundle, TorchBackend(bundle, TorchBackendConfig("cpu")))
+    x = scorer.preprocess([np.zeros((*SIZE, 3), np.uint8)])
+    assert scorer.backend.run(x)[0].shape == (1, 1, SIZE[0] // 8, SIZE[1] // 8)
+
+
+def test_evaluate_scores_every_method(bundles: dict, sample_data: Path) -> None:
+    for name in ("ae-l2", "ae-ssim", "gan", "algan"):
+        bundle = bundles[name]
+        ev = evaluate(bundle, Scorer(bundle, OrtBackend(bundle, OrtBackendConfig(threads=1))), sample_data,
+                      progress=False)
+        m = ev.metrics["overall"].to_dict()
+        assert 0.0 <= m["image_auroc"] <= 1.0 and 0.0 <= m["pixel_aupr"] <= 1.0, name
+        assert len(ev.scores) == len(list_test_samples(sample_data))
+
+
+def test_gan_refuses_features() -> None:
+    with pytest.raises(ValueError, match="on_features"):
+        get_fitter("gan")(tiny_config("gan", on_features=True), None, None)
+
+
+def test_calibrate_and_evaluate_commands(sample_data: Path, tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("model:\n  input_size: [64, 64]\n  train:\n    epochs: 1\n    batch_size: 8\n    latent_dim: 16\n")
+    out = tmp_path / "bundle"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "-m", "agent", "calibrate", "--data", str(sample_data), "--out", str(out),
+                        "--config", str(cfg), "--method", "ae-ssim"], capture_output=True, text=True, cwd=REPO, env=env)
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["model_id"].startswith("ae-ssim-")
+    r = subprocess.run([sys.executable, "-m", "agent", "evaluate", "--model", str(out), "--data", str(sample_data),
+                        "--json", "--backend", "onnxruntime"], capture_output=True, text=True, cwd=REPO, env=env)
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads(r.stdout)
+    assert metrics["method"] == "ae-ssim" and metrics["ms_per_image"] > 0
+    for key in ("image_auroc", "pixel_auroc", "pixel_aupr", "aupro"):
+        assert 0.0 <= metrics[key] <= 1.0
