@@ -42,7 +42,7 @@ class KnnConfig:
 
 @dataclass
 class TrainConfig:
-    epochs: int = 10          # upper bound; a 2-core CPU trains a 256 px autoencoder ~1 min an epoch on MTD
+    epochs: int = 10          # upper bound; training stops earlier on the validation criterion
     batch_size: int = 16
     lr: float = 1e-3
     latent_dim: int = 128

@@ -1,37 +1,371 @@
 """Object masks: restrict scoring to the part (static ROI polygons or feature matching).
 
-SKELETON: the interface below is wired into calibration and the scorer; the
-implementation is being written.
+Two kinds, both giving a frame-size weight map in [outside_weight, 1] that the scorer multiplies
+into every anomaly map before the image score:
+
+- ``roi``: polygons from the config, in frame pixels, rasterised once per frame size.
+- ``features``: a few good images from calibration are kept in the bundle as references
+  (``mask/ref_<i>.png``) with the object's outline on each (``mask/object_<i>.png``). Each frame's
+  keypoints (ORB, SIFT, AKAZE or BRISK) are matched to the references (Lowe ratio test) and a
+  homography is fitted with RANSAC; with enough inliers and a plausible homography the reference
+  object mask is warped onto the frame. Otherwise the dilated convex hull of the RANSAC inliers is
+  used, and with too few of them the whole frame (every fallback is counted and logged).
+
+The reference object mask (``mask.object``) is derived once, at calibration:
+``auto`` splits the reference into part and background with Otsu's threshold, but only where the
+histogram is clearly two-sided (the split explains at least ``_MIN_SEPARATION`` of the grey
+variance; a unimodal texture gives about 2/pi = 0.64); the side holding most border pixels is the
+background. A part that fills the frame (a texture: KolektorSDD, magnetic tiles) has no such
+split, and the whole reference frame is then the object, so the mask only removes what lies
+outside the reference's view. ``polygons`` uses the configured polygons drawn on the references
+(aligned parts, operator-drawn outline); ``frame`` always uses the whole reference frame.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import logging
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
+from functools import lru_cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
+import cv2
 import numpy as np
+
+log = logging.getLogger(__name__)
+
+_MIN_SEPARATION = 0.75      # Otsu between-class / total variance needed to call it part vs background
+_MIN_COMPONENT = 0.01       # object components smaller than this share of the frame are noise
+_RANSAC_PX = 3.0            # reprojection tolerance at the matching scale
+_MAX_SCALE_CHANGE = 2.0     # a homography scaling the part by more than this is implausible
 
 
 @dataclass
 class MaskConfig:
     kind: Literal["none", "roi", "features"] = "none"
-    polygons: list[list[list[float]]] = field(default_factory=list)  # roi: [[x, y], ...] in frame pixels
-    detector: Literal["akaze", "orb", "brisk"] = "orb"               # features: keypoint detector
+    polygons: list[list[list[float]]] = field(default_factory=list)  # [[x, y], ...]: roi in frame pixels;
+                                                                     # features with object: polygons,
+                                                                     # the part on the reference images
+    detector: Literal["orb", "sift", "akaze", "brisk"] = "orb"       # features: keypoint detector
     references: int = 3              # features: good images kept in the bundle as references
-    min_matches: int = 12            # features: below this, no homography (fall back to matched region)
+    object: Literal["auto", "polygons", "frame"] = "auto"            # features: the part on a reference
+    max_keypoints: int = 1000        # features: strongest keypoints kept per image
+    match_side: int = 512            # features: images are matched at this longest side (or smaller)
+    ratio: float = 0.75              # features: Lowe ratio test
+    min_matches: int = 12            # features: RANSAC inliers needed to trust the homography
+    min_region_matches: int = 8      # features: RANSAC inliers needed for the hull fallback
+    margin: float = 0.01             # features: dilation of the object mask, share of the frame's longest side
+    hull_margin: float = 0.05        # features: dilation of the matched points' hull (keypoints keep off edges)
     outside_weight: float = 0.0      # score-map weight outside the object (0..1)
 
+    def __post_init__(self) -> None:
+        rules = [
+            ("outside_weight", 0.0 <= self.outside_weight <= 1.0, "between 0 and 1"),
+            ("references", self.references >= 1, "at least 1"),
+            ("max_keypoints", self.max_keypoints >= 8, "at least 8"),
+            ("match_side", self.match_side >= 64, "at least 64"),
+            ("ratio", 0.0 < self.ratio < 1.0, "between 0 and 1"),
+            ("min_matches", self.min_matches >= 4, "at least 4 (a homography needs 4 points)"),
+            ("min_region_matches", 3 <= self.min_region_matches <= self.min_matches,
+             "at least 3 (a hull needs 3 points) and at most min_matches"),
+            ("margin", 0.0 <= self.margin < 0.5, "between 0 and 0.5"),
+            ("hull_margin", 0.0 <= self.hull_margin < 0.5, "between 0 and 0.5"),
+        ]
+        for key, ok, expected in rules:
+            if not ok:
+                raise ValueError(f"mask.{key}: expected {expected}, got {getattr(self, key)!r}")
+        for i, poly in enumerate(self.polygons):
+            if len(poly) < 3 or any(len(p) != 2 for p in poly):
+                raise ValueError(f"mask.polygons[{i}]: expected at least 3 [x, y] points, got {poly!r}")
+        needs_polygons = self.kind == "roi" or (self.kind == "features" and self.object == "polygons")
+        if needs_polygons and not self.polygons:
+            raise ValueError(f"mask.polygons: mask.kind {self.kind!r} with mask.object {self.object!r} "
+                             "needs at least one polygon")
 
-class ObjectMask:
+
+class ObjectMask(Protocol):
     def weights(self, image: np.ndarray) -> np.ndarray:
-        """Frame-size float32 weights in [0, 1] for the score map of ``image``."""
-        raise NotImplementedError
+        """Frame-size float32 weights in [outside_weight, 1] for the score map of ``image``."""
+        ...
 
+
+@dataclass
+class Located:
+    """Where the part is in one frame."""
+
+    mask: np.ndarray               # float32 frame-size object mask in [0, 1]
+    how: Literal["homography", "hull", "all"]
+    homography: np.ndarray | None  # reference pixels -> frame pixels (3 x 3), where used
+    reference: int | None          # index of the reference that matched best
+    matches: int                   # ratio-test matches with that reference
+    inliers: int                   # RANSAC inliers of its homography (the most of any reference)
+
+
+# --- static regions of interest --------------------------------------------------------------
+
+class RoiMask:
+    """Configured polygons, rasterised once per frame size."""
+
+    def __init__(self, polygons: list[list[list[float]]], outside_weight: float) -> None:
+        self.polygons = [np.round(np.asarray(p, np.float64)).astype(np.int32) for p in polygons]
+        self.outside_weight = outside_weight
+        self._weights = lru_cache(maxsize=8)(self._rasterise)
+
+    def weights(self, image: np.ndarray) -> np.ndarray:
+        # Cached and shared between frames: callers multiply, never write into it.
+        return self._weights(image.shape[:2])
+
+    def _rasterise(self, frame_hw: tuple[int, int]) -> np.ndarray:
+        inside = np.zeros(frame_hw, np.uint8)
+        cv2.fillPoly(inside, self.polygons, 1)
+        if not inside.any():
+            raise ValueError(f"mask.polygons: no polygon covers any pixel of a {frame_hw[1]} x {frame_hw[0]} "
+                             "frame (polygons are [x, y] in frame pixels)")
+        w = _to_weights(inside.astype(np.float32), self.outside_weight)
+        w.setflags(write=False)
+        return w
+
+
+# --- feature matching --------------------------------------------------------------------------
+
+@dataclass
+class _Reference:
+    keypoints: np.ndarray    # (N, 2) float32 at the matching scale
+    descriptors: np.ndarray | None
+    scale: float             # matching scale / full reference size
+    obj: np.ndarray          # uint8 0/255 object mask at the full reference size, dilated by the margin
+
+
+class FeatureMask:
+    """References' keypoints and descriptors are computed once, here; a frame costs one detection
+    at the matching scale, one knn match per reference, RANSAC and one warp."""
+
+    def __init__(self, cfg: MaskConfig, images: list[np.ndarray], objects: list[np.ndarray]) -> None:
+        self.cfg = cfg
+        self.detector, norm = _detector(cfg.detector, cfg.max_keypoints)
+        self.matcher = cv2.BFMatcher(norm)
+        self.references: list[_Reference] = []
+        for img, obj in zip(images, objects):
+            small, scale = _matching_view(img, cfg.match_side)
+            pts, desc = self._features(small)
+            if desc is None or len(pts) < cfg.min_matches:
+                log.warning("mask reference with only %d keypoints: it can never give a homography", len(pts))
+            self.references.append(_Reference(pts, desc, scale, _dilate(obj, cfg.margin)))
+        self.counts: Counter[str] = Counter()   # frames per outcome: homography / hull / all
+
+    def weights(self, image: np.ndarray) -> np.ndarray:
+        return _to_weights(self.locate(image).mask, self.cfg.outside_weight)
+
+    def locate(self, image: np.ndarray) -> Located:
+        cfg, (h, w) = self.cfg, image.shape[:2]
+        small, scale = _matching_view(image, cfg.match_side)
+        pts, desc = self._features(small)
+        best = (None, 0, np.zeros((0, 2), np.float32), None)  # reference, matches, inlier points, homography
+        for i, ref in enumerate(self.references):
+            src, dst = self._match(ref, pts, desc)
+            if len(src) < 4:
+                continue
+            H, inl = cv2.findHomography(src, dst, cv2.RANSAC, _RANSAC_PX)
+            inliers = dst[inl.ravel() > 0] if H is not None else dst[:0]
+            if len(inliers) > len(best[2]):
+                best = (i, len(src), inliers, H)
+        i, matches, inliers, H = best
+
+        if len(inliers) >= cfg.min_matches:
+            ref = self.references[i]
+            # Matching-scale homography -> full reference pixels to full frame pixels.
+            full = np.diag([1 / scale, 1 / scale, 1.0]) @ H @ np.diag([ref.scale, ref.scale, 1.0])
+            if _plausible(full, ref.obj.shape[:2]):
+                warped = cv2.warpPerspective(ref.obj, full, (w, h), flags=cv2.INTER_LINEAR, borderValue=0)
+                if warped.any():
+                    return self._found(Located(warped.astype(np.float32) / 255.0, "homography", full, i,
+                                               matches, len(inliers)))
+        # Only geometrically consistent matches make the region: a texture gives up to ~6 RANSAC
+        # inliers among chance matches (measured on KolektorSDD, MTD and the synthetic parts).
+        if len(inliers) >= cfg.min_region_matches:
+            hull = np.zeros(small.shape[:2], np.uint8)
+            cv2.fillConvexPoly(hull, cv2.convexHull(np.round(inliers).astype(np.int32)), 255)
+            region = cv2.resize(_dilate(hull, cfg.hull_margin), (w, h), interpolation=cv2.INTER_LINEAR)
+            return self._found(Located(region.astype(np.float32) / 255.0, "hull", None, i, matches, len(inliers)))
+        return self._found(Located(np.ones((h, w), np.float32), "all", None, i, matches, len(inliers)))
+
+    def _found(self, loc: Located) -> Located:
+        self.counts[loc.how] += 1
+        if loc.how != "homography":
+            # The first fallback of each kind is a warning; after that the counts tell (health).
+            level = logging.WARNING if self.counts[loc.how] == 1 else logging.DEBUG
+            log.log(level, "object mask fallback to %s (%d matches, %d inliers; counts %s)",
+                    "the matched region" if loc.how == "hull" else "the whole frame",
+                    loc.matches, loc.inliers, dict(self.counts))
+        return loc
+
+    def _features(self, grey: np.ndarray) -> tuple[np.ndarray, np.ndarray | None]:
+        kps = self.detector.detect(grey, None)
+        # AKAZE and BRISK have no keypoint limit of their own: keep the strongest.
+        kps = sorted(kps, key=lambda k: -k.response)[: self.cfg.max_keypoints]
+        kps, desc = self.detector.compute(grey, kps)
+        pts = np.array([k.pt for k in kps], np.float32).reshape(-1, 2)
+        return pts, desc if desc is not None and len(desc) else None
+
+    def _match(self, ref: _Reference, pts: np.ndarray, desc: np.ndarray | None) -> tuple[np.ndarray, np.ndarray]:
+        empty = np.zeros((0, 2), np.float32)
+        if desc is None or ref.descriptors is None or len(desc) < 2:
+            return empty, empty
+        pairs = self.matcher.knnMatch(ref.descriptors, desc, k=2)
+        good = [p[0] for p in pairs if len(p) == 2 and p[0].distance < self.cfg.ratio * p[1].distance]
+        if not good:
+            return empty, empty
+        return (ref.keypoints[[m.queryIdx for m in good]], pts[[m.trainIdx for m in good]])
+
+
+# --- calibration and loading -------------------------------------------------------------------
 
 def fit_mask(cfg: MaskConfig, good_paths: list[Path], bundle_dir: Path) -> dict[str, Any]:
-    """Write what the mask needs into ``bundle_dir`` (e.g. mask/); return the manifest section."""
-    raise NotImplementedError
+    """Write what the mask needs into ``bundle_dir`` (``mask/``); return the manifest section."""
+    section = asdict(cfg)
+    if cfg.kind == "roi":
+        return section
+    if cfg.kind != "features":
+        raise ValueError(f"mask.kind: no mask to fit for {cfg.kind!r}")
+    _detector(cfg.detector, cfg.max_keypoints)  # fail before writing anything
+    if not good_paths:
+        raise ValueError("mask: no good images to take references from")
+    picks = sorted({int(i) for i in np.linspace(0, len(good_paths) - 1, min(cfg.references, len(good_paths)))})
+    out = Path(bundle_dir) / "mask"
+    out.mkdir(parents=True, exist_ok=True)
+    files = []
+    for n, i in enumerate(picks):
+        grey = cv2.imread(str(good_paths[i]), cv2.IMREAD_GRAYSCALE)
+        if grey is None:
+            raise ValueError(f"{good_paths[i]}: cannot read the mask reference image")
+        obj, how = reference_object(grey, cfg)
+        _imwrite(out / f"ref_{n}.png", grey)
+        _imwrite(out / f"object_{n}.png", obj)
+        files.append({"image": f"mask/ref_{n}.png", "object": f"mask/object_{n}.png",
+                      "source": good_paths[i].name, "object_from": how,
+                      "object_share": round(float((obj > 0).mean()), 4)})
+        log.info("mask reference %d: %s, object from %s (%.0f%% of the frame)", n, good_paths[i].name, how,
+                 100 * files[-1]["object_share"])
+    section["files"] = files
+    return section
+
+
+def reference_object(grey: np.ndarray, cfg: MaskConfig) -> tuple[np.ndarray, str]:
+    """The part on a reference image as uint8 0/255, and how it was found (otsu, frame, polygons)."""
+    h, w = grey.shape
+    if cfg.object == "polygons":
+        obj = np.zeros((h, w), np.uint8)
+        cv2.fillPoly(obj, [np.round(np.asarray(p)).astype(np.int32) for p in cfg.polygons], 255)
+        if not obj.any():
+            raise ValueError(f"mask.polygons: no polygon covers any pixel of the {w} x {h} reference image")
+        return obj, "polygons"
+    if cfg.object == "auto":
+        obj = _otsu_object(grey)
+        if obj is not None:
+            return obj, "otsu"
+    return np.full((h, w), 255, np.uint8), "frame"
 
 
 def load_mask(section: dict[str, Any], bundle_dir: Path) -> ObjectMask:
-    raise NotImplementedError
+    """The mask a bundle's manifest describes; files come from the (hash-checked) bundle."""
+    names = {f.name for f in fields(MaskConfig)}
+    cfg = MaskConfig(**{k: v for k, v in section.items() if k in names})
+    if cfg.kind == "roi":
+        return RoiMask(cfg.polygons, cfg.outside_weight)
+    if cfg.kind != "features":
+        raise ValueError(f"manifest mask.kind: expected roi or features, got {cfg.kind!r}")
+    files = section.get("files") or []
+    if not files:
+        raise ValueError(f"{bundle_dir}: manifest mask has no reference files")
+    images = [_imread(Path(bundle_dir) / f["image"]) for f in files]
+    objects = [_imread(Path(bundle_dir) / f["object"]) for f in files]
+    return FeatureMask(cfg, images, objects)
+
+
+# --- helpers ----------------------------------------------------------------------------------
+
+def _detector(name: str, max_keypoints: int) -> tuple[Any, int]:
+    # Detector thresholds are set low: machined and brushed surfaces are low-contrast (ORB's default
+    # FAST threshold finds ~30 corners on the synthetic washer, 5 finds ~600); the strongest are kept.
+    make = {"orb": ("ORB_create", lambda f: f(nfeatures=max_keypoints, fastThreshold=5), cv2.NORM_HAMMING),
+            "sift": ("SIFT_create", lambda f: f(nfeatures=max_keypoints), cv2.NORM_L2),
+            "akaze": ("AKAZE_create", lambda f: f(threshold=1e-4), cv2.NORM_HAMMING),
+            "brisk": ("BRISK_create", lambda f: f(thresh=10), cv2.NORM_HAMMING)}
+    if name not in make:
+        raise ValueError(f"mask.detector: expected one of {', '.join(make)}, got {name!r}")
+    attr, build, norm = make[name]
+    if not hasattr(cv2, attr):
+        raise ValueError(f"mask.detector: {name!r} is not in this OpenCV build ({cv2.__version__}; OpenCV 5 moved "
+                         "AKAZE and BRISK to opencv-contrib); use orb or sift")
+    return build(getattr(cv2, attr)), norm
+
+
+def _matching_view(image: np.ndarray, side: int) -> tuple[np.ndarray, float]:
+    grey = image if image.ndim == 2 else cv2.cvtColor(image, cv2.COLOR_BGR2GRAY)
+    scale = min(1.0, side / max(grey.shape[:2]))
+    if scale < 1.0:
+        grey = cv2.resize(grey, None, fx=scale, fy=scale, interpolation=cv2.INTER_AREA)
+    return grey, scale
+
+
+def _otsu_object(grey: np.ndarray) -> np.ndarray | None:
+    """Part vs background by Otsu, or None where the image has no clear two-sided histogram."""
+    h, w = grey.shape
+    smooth = cv2.GaussianBlur(grey, (0, 0), max(1.0, min(h, w) / 200))
+    t, fg = cv2.threshold(smooth, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
+    values = smooth.astype(np.float64)
+    low, high = values[values <= t], values[values > t]
+    total = values.var()
+    if total == 0 or not len(low) or not len(high):
+        return None
+    between = len(low) * len(high) / values.size ** 2 * (low.mean() - high.mean()) ** 2
+    if between / total < _MIN_SEPARATION:
+        return None
+    border = np.concatenate([fg[0], fg[-1], fg[:, 0], fg[:, -1]])
+    if (border > 0).mean() > 0.5:   # the bright side touches the border most: it is the background
+        fg = 255 - fg
+    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
+    fg = cv2.morphologyEx(cv2.morphologyEx(fg, cv2.MORPH_OPEN, k), cv2.MORPH_CLOSE, k)
+    count, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
+    keep = [i for i in range(1, count) if stats[i, cv2.CC_STAT_AREA] >= _MIN_COMPONENT * h * w]
+    obj = np.isin(labels, keep).astype(np.uint8) * 255
+    share = (obj > 0).mean()
+    return obj if 0.02 <= share <= 0.95 else None
+
+
+def _plausible(H: np.ndarray, reference_hw: tuple[int, int]) -> bool:
+    """A homography that keeps orientation, scales the part by at most _MAX_SCALE_CHANGE and bends
+    the frame little; RANSAC on chance matches of a texture gives wild ones."""
+    if not np.isfinite(H).all() or abs(H[2, 2]) < 1e-12:
+        return False
+    H = H / H[2, 2]
+    det = float(np.linalg.det(H[:2, :2]))
+    if not 1 / _MAX_SCALE_CHANGE ** 2 <= det <= _MAX_SCALE_CHANGE ** 2:
+        return False
+    h, w = reference_hw
+    corners = np.array([[0, 0, 1], [w, 0, 1], [0, h, 1], [w, h, 1]], np.float64)
+    denom = corners @ H[2]
+    return bool(denom.min() > 0 and denom.max() / denom.min() < 1.5)
+
+
+def _dilate(mask: np.ndarray, margin: float) -> np.ndarray:
+    r = int(round(margin * max(mask.shape[:2])))
+    if r <= 0:
+        return mask
+    return cv2.dilate(mask, cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r + 1, 2 * r + 1)))
+
+
+def _to_weights(inside: np.ndarray, outside_weight: float) -> np.ndarray:
+    return (outside_weight + (1.0 - outside_weight) * inside).astype(np.float32)
+
+
+def _imread(path: Path) -> np.ndarray:
+    img = cv2.imread(str(path), cv2.IMREAD_GRAYSCALE)
+    if img is None:
+        raise ValueError(f"{path}: cannot read object mask file")
+    return img
+
+
+def _imwrite(path: Path, image: np.ndarray) -> None:
+    if not cv2.imwrite(str(path), image):
+        raise OSError(f"{path}: cannot write")

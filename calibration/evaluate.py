@@ -28,13 +28,14 @@ class Evaluation:
     images: list[np.ndarray]
     names: list[str]
     ms_per_image: float
+    mask: dict[str, Any] | None = None  # the object mask applied ({kind, outcomes}); None: none
 
     def summary(self, bundle: Bundle, backend: str) -> dict[str, Any]:
         overall = self.metrics["overall"].to_dict()
         return {**overall, "per_type": {k: v.to_dict() for k, v in self.metrics["per_type"].items()},
                 "model_id": bundle.manifest.model_id, "method": bundle.manifest.method, "backend": backend,
                 "threshold": bundle.manifest.threshold.get("threshold"), "ms_per_image": self.ms_per_image,
-                "tiled": bool(bundle.manifest.tiling.get("enabled"))}
+                "tiled": bool(bundle.manifest.tiling.get("enabled")), "mask": self.mask}
 
 
 def eval_size(bundle: Bundle, first_image_hw: tuple[int, int], longest: int = 512) -> tuple[int, int]:
@@ -67,7 +68,15 @@ def evaluate(bundle: Bundle, scorer: Scorer, data: Path, progress: bool = True) 
     masks_arr = np.stack(masks)
     metrics = compute_metrics(np.array(scores), labels, maps_arr, masks_arr, [s.defect_type for s in samples])
     return Evaluation(metrics, np.array(scores), labels, maps_arr, masks_arr, images,
-                      [f"{s.defect_type}/{s.path.name}" for s in samples], 1000.0 * elapsed / len(samples))
+                      [f"{s.defect_type}/{s.path.name}" for s in samples], 1000.0 * elapsed / len(samples),
+                      _mask_info(bundle, scorer))
+
+
+def _mask_info(bundle: Bundle, scorer: Scorer) -> dict[str, Any] | None:
+    if scorer.mask is None:
+        return None
+    counts = getattr(scorer.mask, "counts", None)  # feature masks count homography / hull / all frames
+    return {"kind": bundle.manifest.mask.get("kind"), "outcomes": dict(counts) if counts is not None else None}
 
 
 def write_outputs(ev: Evaluation, bundle: Bundle, backend: str, report: Path | None) -> dict[str, Any]:
