@@ -1,0 +1,213 @@
+"""Object masks: ROI polygons, feature-matching alignment and its fallbacks, masked scoring
+through both runtimes, and mask files under the bundle's hashes."""
+from __future__ import annotations
+
+import copy
+import shutil
+from pathlib import Path
+
+import cv2
+import numpy as np
+import pytest
+
+from agent.masks import FeatureMask, MaskConfig, RoiMask, fit_mask, load_mask, reference_object
+from calibration.synthetic import synthetic_part
+from engines.bundle import BundleError, load_bundle, write_manifest
+from engines.runtimes.onnxruntime_backend import OrtBackend, OrtBackendConfig
+from engines.runtimes.torch_backend import TorchBackend, TorchBackendConfig
+from engines.scorer import Scorer
+
+PARITY_RTOL = 1e-3   # as tests/test_padim.py: ONNX Runtime against the torch reference
+ALIGN_PX = 3.0       # a recovered homography maps every frame corner within this of the truth
+SIZE = (192, 224)    # height, width of the synthetic parts
+
+
+def _part(seed: int) -> np.ndarray:
+    return synthetic_part(np.random.default_rng(seed), SIZE)[0]
+
+
+def _moved(image: np.ndarray, angle: float = 12.0, shift: tuple[float, float] = (9.0, -6.0),
+           noise_seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` rotated about its centre and shifted (a known similarity), with sensor noise."""
+    h, w = image.shape[:2]
+    m = cv2.getRotationMatrix2D((w / 2, h / 2), angle, 1.0)
+    m[:, 2] += shift
+    moved = cv2.warpAffine(image, m, (w, h), borderMode=cv2.BORDER_REFLECT)
+    noise = np.random.default_rng(noise_seed).normal(0, 2.0, moved.shape)
+    return np.clip(moved + noise, 0, 255).astype(np.uint8), np.vstack([m, [0, 0, 1]])
+
+
+def _write_refs(tmp_path: Path, images: list[np.ndarray]) -> list[Path]:
+    paths = []
+    for i, img in enumerate(images):
+        paths.append(tmp_path / "good" / f"{i:03d}.png")
+        paths[-1].parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(paths[-1]), img)
+    return paths
+
+
+def _feature_mask(tmp_path: Path, refs: list[np.ndarray], **cfg: object) -> FeatureMask:
+    bundle_dir = tmp_path / "bundle"
+    section = fit_mask(MaskConfig(kind="features", **cfg), _write_refs(tmp_path, refs), bundle_dir)
+    mask = load_mask(section, bundle_dir)
+    assert isinstance(mask, FeatureMask)
+    return mask
+
+
+def _corner_error(found: np.ndarray, truth: np.ndarray, hw: tuple[int, int]) -> float:
+    h, w = hw
+    corners = np.array([[0, 0, 1], [w, 0, 1], [0, h, 1], [w, h, 1]], float).T
+    a, b = truth @ corners, found @ corners
+    return float(np.abs(a[:2] / a[2] - b[:2] / b[2]).max())
+
+
+# --- ROI polygons --------------------------------------------------------------------------------
+
+def test_roi_polygon_zeroes_outside_and_is_rasterised_once_per_size():
+    mask = load_mask({"kind": "roi", "polygons": [[[10, 5], [50, 5], [50, 30], [10, 30]]], "outside_weight": 0.0},
+                     Path("."))
+    frame = np.zeros((40, 60, 3), np.uint8)
+    w = mask.weights(frame)
+    assert w.shape == (40, 60) and w.dtype == np.float32
+    assert (w[5:31, 10:51] == 1).all()
+    outside = np.ones_like(w, bool)
+    outside[5:31, 10:51] = False
+    assert (w[outside] == 0).all()
+    assert mask.weights(frame) is w                              # cached for this frame size
+    assert mask.weights(np.zeros((80, 120), np.uint8)).shape == (80, 120)
+
+
+def test_roi_outside_weight_keeps_a_share_of_the_score():
+    mask = RoiMask([[[0, 0], [9, 0], [9, 9], [0, 9]]], outside_weight=0.25)
+    w = mask.weights(np.zeros((20, 20), np.uint8))
+    assert w[5, 5] == 1.0 and w[15, 15] == pytest.approx(0.25)
+
+
+def test_roi_polygon_off_the_frame_is_a_clear_error():
+    mask = RoiMask([[[500, 500], [600, 500], [600, 600]]], outside_weight=0.0)
+    with pytest.raises(ValueError, match=r"mask.polygons: no polygon covers any pixel of a 60 x 40 frame"):
+        mask.weights(np.zeros((40, 60), np.uint8))
+
+
+@pytest.mark.parametrize("bad, key", [
+    (dict(outside_weight=1.5), "mask.outside_weight"),
+    (dict(kind="roi"), "mask.polygons"),
+    (dict(polygons=[[[0, 0], [1, 1]]]), r"mask.polygons\[0\]"),
+    (dict(min_matches=10, min_region_matches=12), "mask.min_region_matches"),
+])
+def test_mask_config_names_the_bad_key(bad, key):
+    with pytest.raises(ValueError, match=key):
+        MaskConfig(**bad)
+
+
+# --- feature matching ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("detector", ["orb", "sift", "akaze", "brisk"])
+def test_feature_mask_aligns_a_moved_part(tmp_path: Path, detector: str):
+    ref = _part(3)
+    ctor = {"orb": "ORB_create", "sift": "SIFT_create", "akaze": "AKAZE_create", "brisk": "BRISK_create"}[detector]
+    if not hasattr(cv2, ctor):  # OpenCV 5 keeps AKAZE and BRISK in contrib: the error must say so
+        with pytest.raises(ValueError, match=f"mask.detector: '{detector}' is not in this OpenCV build"):
+            _feature_mask(tmp_path, [ref], detector=detector)
+        return
+    mask = _feature_mask(tmp_path, [_part(7), ref], detector=detector, margin=0.0)
+    frame, truth = _moved(ref)
+    found = mask.locate(frame)
+    assert found.how == "homography" and found.reference == 1
+    assert _corner_error(found.homography, truth, SIZE) <= ALIGN_PX
+    # The washer itself (Otsu on the reference), moved by the true transform, is what is kept.
+    obj, how = reference_object(cv2.cvtColor(ref, cv2.COLOR_BGR2GRAY), mask.cfg)
+    assert how == "otsu"
+    expected = cv2.warpPerspective(obj, truth, (SIZE[1], SIZE[0]), flags=cv2.INTER_NEAREST) > 0
+    kept = found.mask > 0.5
+    assert (kept & expected).sum() / (kept | expected).sum() >= 0.97
+    weights = mask.weights(frame)
+    band = np.ones((5, 5), np.uint8)   # the warped outline is anti-aliased over a pixel or two
+    core = cv2.erode(expected.astype(np.uint8), band) > 0
+    away = cv2.dilate(expected.astype(np.uint8), band) == 0
+    assert (weights[core] == 1.0).all() and (weights[away] == 0.0).all()
+    assert weights[0, 0] == 0.0 and weights[SIZE[0] // 2, SIZE[1] // 2] == 0.0  # background and the hole
+    assert mask.counts["homography"] == 2
+
+
+def test_reference_mask_from_polygons_and_whole_frame():
+    grey = cv2.cvtColor(_part(3), cv2.COLOR_BGR2GRAY)
+    obj, how = reference_object(grey, MaskConfig(kind="features", object="polygons",
+                                                 polygons=[[[20, 20], [100, 20], [100, 80], [20, 80]]]))
+    assert how == "polygons" and obj[50, 60] == 255 and obj[150, 200] == 0
+    texture = np.random.default_rng(0).normal(128, 20, SIZE).clip(0, 255).astype(np.uint8)
+    obj, how = reference_object(texture, MaskConfig(kind="features"))  # no part/background split
+    assert how == "frame" and (obj == 255).all()
+
+
+def test_fallback_to_the_region_of_matched_points(tmp_path: Path):
+    ref = _part(3)
+    # An unreachable homography requirement: the inliers' hull is all that is left.
+    mask = _feature_mask(tmp_path, [ref], min_matches=100_000, min_region_matches=8)
+    frame, truth = _moved(ref)
+    found = mask.locate(frame)
+    assert found.how == "hull" and found.homography is None and found.inliers >= 8
+    obj, _ = reference_object(cv2.cvtColor(ref, cv2.COLOR_BGR2GRAY), mask.cfg)
+    part = cv2.warpPerspective(obj, truth, (SIZE[1], SIZE[0]), flags=cv2.INTER_NEAREST) > 0
+    assert (found.mask[part] > 0.5).mean() >= 0.9     # the hull of the keypoints covers the part
+    assert found.mask[0, 0] == 0 and found.mask[-1, -1] == 0
+    assert mask.counts == {"hull": 1}
+
+
+@pytest.mark.parametrize("what", ["another part", "a blank frame"])
+def test_fallback_to_the_whole_frame(tmp_path: Path, what: str):
+    mask = _feature_mask(tmp_path, [_part(3)])
+    # Synthetic parts have random brushing: another part shares no keypoints with the reference.
+    frame = _part(11) if what == "another part" else np.full((*SIZE, 3), 90, np.uint8)
+    found = mask.locate(frame)
+    assert found.how == "all" and found.inliers < mask.cfg.min_region_matches
+    assert (mask.weights(frame) == 1.0).all()
+    assert mask.counts == {"all": 2}
+
+
+# --- in the bundle and the scorer -----------------------------------------------------------------
+
+@pytest.fixture
+def masked_bundle(padim_bundle, tmp_path: Path):
+    """The session's PaDiM bundle with a feature mask fitted on two of its good images."""
+    out = tmp_path / "masked"
+    shutil.copytree(padim_bundle.path, out)
+    refs = _write_refs(tmp_path, [_resized_part(3), _resized_part(5)])
+    manifest = copy.deepcopy(padim_bundle.manifest)
+    manifest.mask = fit_mask(MaskConfig(kind="features", references=2), refs, out)
+    write_manifest(out, manifest)
+    return load_bundle(out), refs
+
+
+def _resized_part(seed: int) -> np.ndarray:
+    return synthetic_part(np.random.default_rng(seed), (160, 192))[0]  # the sample_data size
+
+
+def test_masked_bundle_scores_alike_with_torch_and_onnxruntime(masked_bundle):
+    bundle, refs = masked_bundle
+    frame, _ = _moved(cv2.imread(str(refs[1])), angle=-8.0, shift=(5.0, 4.0))
+    torch_backend = TorchBackend(bundle, TorchBackendConfig("cpu"))
+    plain = Scorer(bundle, torch_backend, use_mask=False).score_frame(frame)
+    torch_scorer = Scorer(bundle, torch_backend)
+    ref = torch_scorer.score_frame(frame)
+    ort = Scorer(bundle, OrtBackend(bundle, OrtBackendConfig())).score_frame(frame)
+    weights = torch_scorer.mask.weights(frame)
+    assert torch_scorer.mask.counts["homography"] == 2   # both calls above found the part
+    assert 0.2 < weights.mean() < 0.8                     # the mask keeps the part, drops the background
+    np.testing.assert_allclose(ref.map, plain.map * weights, rtol=1e-6)
+    assert (ref.map[weights == 0] == 0).all() and (plain.map[weights == 0] > 0).all()
+    assert ref.score == pytest.approx(float(ref.map.max())) and ref.score <= plain.score
+    assert "mask" in ref.timings_ms
+    np.testing.assert_allclose(ort.score, ref.score, rtol=PARITY_RTOL)
+    np.testing.assert_allclose(ort.map, ref.map, rtol=PARITY_RTOL, atol=PARITY_RTOL * ref.score)
+
+
+def test_mask_files_are_covered_by_the_bundle_hashes(masked_bundle):
+    bundle, _ = masked_bundle
+    assert {"mask/ref_0.png", "mask/object_0.png", "mask/ref_1.png", "mask/object_1.png"} <= set(bundle.manifest.files)
+    ref0 = bundle.path / "mask" / "ref_0.png"
+    img = cv2.imread(str(ref0), cv2.IMREAD_GRAYSCALE)
+    img[0, 0] ^= 0xFF
+    cv2.imwrite(str(ref0), img)
+    with pytest.raises(BundleError, match=r"mask/ref_0.png: content hash mismatch"):
+        load_bundle(bundle.path)
