@@ -66,7 +66,8 @@ def evaluate(bundle: Bundle, scorer: Scorer, data: Path, progress: bool = True) 
     labels = np.array([s.label for s in samples])
     maps_arr = np.stack(maps).astype(np.float32)
     masks_arr = np.stack(masks)
-    metrics = compute_metrics(np.array(scores), labels, maps_arr, masks_arr, [s.defect_type for s in samples])
+    metrics = compute_metrics(np.array(scores), labels, maps_arr, masks_arr, [s.defect_type for s in samples],
+                              progress=progress)
     return Evaluation(metrics, np.array(scores), labels, maps_arr, masks_arr, images,
                       [f"{s.defect_type}/{s.path.name}" for s in samples], 1000.0 * elapsed / len(samples),
                       _mask_info(bundle, scorer))

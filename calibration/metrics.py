@@ -96,6 +96,7 @@ def compute_metrics(
     masks: np.ndarray,
     defect_types: list[str],
     max_fpr: float = 0.3,
+    progress: bool = False,
 ) -> dict[str, Any]:
     """{"overall": MetricSet, "per_type": {type: MetricSet}}.
 
@@ -115,7 +116,7 @@ def compute_metrics(
         subsets[name] = (types == name) | ~labels
     results = {
         name: _metric_set(scores, labels, pixels, members, max_fpr)
-        for name, members in tqdm(subsets.items(), desc="metrics", unit="set", leave=False)
+        for name, members in tqdm(subsets.items(), desc="metrics", unit="set", leave=False, disable=not progress)
     }
     overall = results.pop("overall")
     return {"overall": overall, "per_type": results}
