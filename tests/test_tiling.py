@@ -63,9 +63,8 @@ def test_tiled_model_scores_alike_in_torch_and_onnxruntime(tiled_bundle, sample_
     assert scores[labels == 1].mean() > np.median(scores[labels == 0])
 
 
+@pytest.mark.parametrize("tiled_bundle", ["per_position"], indirect=True)
 def test_per_position_model_refuses_another_frame_size(tiled_bundle) -> None:
-    if tiled_bundle.manifest.tiling["stats"] != "per_position":
-        pytest.skip("shared statistics take any frame size")
     scorer = Scorer(tiled_bundle, TorchBackend(tiled_bundle, TorchBackendConfig("cpu")))
     with pytest.raises(ValueError, match="tile positions"):
         scorer.score_frame(np.zeros((400, 400, 3), np.uint8))
