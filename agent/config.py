@@ -40,6 +40,7 @@ class KnnConfig:
     neighbours: int = 1       # patch-level k
     image_neighbours: int = 5  # SPADE image-level k
     projection_dim: int = 128
+    image_score: Literal["reweighted", "map_max"] = "reweighted"  # PatchCore image score
 
 
 @dataclass

@@ -65,7 +65,7 @@ def fit_patchcore(cfg: "ModelConfig", train: "TrainImages", _val: "TrainImages")
     return FitResult(
         network=spec, network_state={n: t.cpu() for n, t in net.state_dict().items()},
         head={"neighbours": k.neighbours, "support": k.image_neighbours, "coreset_ratio": k.coreset_ratio,
-              "projection_dim": k.projection_dim},
+              "projection_dim": k.projection_dim, "image_score": k.image_score},
         head_tensors={"bank": coreset},
         info={"patches": int(bank.shape[0]), "patch_share_kept": keep, "coreset": int(coreset.shape[0]),
               "fit_s": time.perf_counter() - start, "device": device.type})

@@ -63,6 +63,17 @@ def test_patchcore_reweighting_discounts_dense_regions() -> None:
     assert 0 < float(s_dense) < 0.9 and float(s_isolated) == pytest.approx(1.0, abs=1e-6)
 
 
+def test_patchcore_map_max_leaves_the_image_score_to_the_map() -> None:
+    gen = torch.Generator().manual_seed(3)
+    bank, feats = torch.randn(50, 8, generator=gen), torch.randn(2, 8, 4, 5, generator=gen)
+    reweighted = PatchCoreHead({"neighbours": 1}, {"bank": bank})([feats], feats)
+    map_only = PatchCoreHead({"neighbours": 1, "image_score": "map_max"}, {"bank": bank})([feats], feats)
+    assert isinstance(reweighted, tuple) and not isinstance(map_only, tuple)
+    torch.testing.assert_close(map_only, reweighted[0])
+    with pytest.raises(ValueError, match="image_score"):
+        PatchCoreHead({"image_score": "mean"}, {"bank": bank})
+
+
 def test_spade_head_matches_brute_force() -> None:
     gen = torch.Generator().manual_seed(1)
     n, p, d = 12, 20, 5
