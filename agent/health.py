@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any
 
 from agent.verdict import Verdict
@@ -51,7 +51,3 @@ class Health:
                    **extra}
         self._window_start, self._window_frames, self._window_ms = now, 0, {}
         return payload
-
-
-def as_dict(obj: Any) -> dict[str, Any]:
-    return asdict(obj)

@@ -9,6 +9,7 @@ take within agent.stop_timeout_s, publish offline, exit 0.
 from __future__ import annotations
 
 import argparse
+from dataclasses import asdict
 import logging
 import signal
 import threading
@@ -19,7 +20,7 @@ import numpy as np
 
 from agent import notify
 from agent.config import Config, ConfigError
-from agent.health import Health, as_dict
+from agent.health import Health
 from agent.inspector import Inspector
 from agent.mqtt import Publisher
 from agent.sources import open_source
@@ -106,5 +107,5 @@ def _warm_up(scorer: Scorer, cfg: Config) -> None:
 
 
 def _health(health: Health, model_id: str, backend: str, source: Any, publisher: Publisher) -> dict[str, Any]:
-    return health.report(model_id=model_id, backend=backend, source=as_dict(source.stats),
-                         mqtt=as_dict(publisher.stats))
+    return health.report(model_id=model_id, backend=backend, source=asdict(source.stats),
+                         mqtt=asdict(publisher.stats))

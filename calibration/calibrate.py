@@ -74,7 +74,7 @@ def calibrate(data: Path, out: Path, cfg: ModelConfig, progress: bool = True) ->
         manifest.score_stats["synthetic_defects"] = _stats(defect_scores)
     chosen = choose_threshold(cfg.threshold, good, defect_scores)
     manifest.threshold = chosen.to_dict()
-    manifest.normalizer = Normalizer(threshold=chosen.threshold, center=float(np.median(good))).to_dict()
+    manifest.normalizer = Normalizer.fit(chosen.threshold, good).to_dict()
     manifest.score_stats["holdout_good"] = _stats(good)
     bundle = write_manifest(out, manifest)
     log.info("threshold %.4f (%s), model %s written to %s", chosen.threshold, chosen.policy, manifest.model_id, out)
