@@ -10,12 +10,10 @@ from typing import Callable
 
 import yaml
 
-from agent.config import Config, ConfigError, load_config, to_dict
-from agent.sources import SourceError
+from agent import exit_codes
+from agent.config import Config, ConfigError, load_config, preflight, to_dict
 
 log = logging.getLogger("agent")
-
-EXIT_USAGE = 2  # configuration, data or bundle errors: nothing was started
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -28,11 +26,18 @@ def main(argv: list[str] | None = None) -> int:
         return int(args.func(args, cfg) or 0)
     except ConfigError as e:
         print(f"config error: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except (ValueError, FileNotFoundError, SourceError) as e:
-        # Data, bundle and argument errors carry their own precise message.
+        return exit_codes.CONFIG
+    except (ValueError, FileNotFoundError) as e:
+        # Data, bundle and argument errors carry their own precise message. ``run`` raises
+        # these only before READY; after it, the service maps its own failures.
         print(f"error: {e}", file=sys.stderr)
-        return EXIT_USAGE
+        return exit_codes.CONFIG
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception:
+        log.exception("%s failed", args.command)
+        return exit_codes.FAILURE
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,6 +76,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def cmd_check_config(args: argparse.Namespace, cfg: Config) -> int:
+    preflight(cfg, args.config, serving=cfg.agent.model is not None)
     print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
     return 0
 
@@ -82,6 +88,7 @@ def cmd_calibrate(args: argparse.Namespace, cfg: Config) -> int:
         cfg.model.method = args.method
     if args.tiled:
         cfg.model.tiling.enabled = True
+    preflight(cfg, args.config)
     bundle = calibrate(args.data, args.out, cfg.model, progress=sys.stderr.isatty())
     m = bundle.manifest
     print(json.dumps({"bundle": str(bundle.path), "model_id": m.model_id, "method": m.method,

@@ -1,107 +1,139 @@
-"""The configuration file, loaded into typed records and validated before anything starts.
+"""The configuration file, loaded into typed settings and checked before anything starts.
 
-Each part of the product keeps its own dataclass next to its code (sources, MQTT, PaDiM,
-thresholds, tiling); this module composes them and turns a YAML file into them, naming the
-file, the key and what was expected on any mistake.
+Each part of the product keeps its own settings model next to its code (sources, MQTT, tiling,
+masks, thresholds); this module composes them and turns a YAML file into them. Two steps:
+
+- ``load_config``: syntax and types. A mistake is one line naming the file, the line, the key
+  and what was expected (``ConfigError``).
+- ``preflight``: what the machine must provide for the settings to work (files that must exist
+  and parse, a writable spool, the password's source, the bundle, the device). ``check-config``
+  and ``run`` both call it, so ``check-config`` finds everything ``run`` would refuse.
 """
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
-from dataclasses import dataclass, field
+import re
 from pathlib import Path
 from typing import Any, Literal
 
 import yaml
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from agent.masks import MaskConfig
 from agent.mqtt import MqttConfig
 from agent.sources import SourceConfig
 from agent.tiling import TilingConfig
 from calibration.thresholds import ThresholdConfig
+from engines.settings import ConfigPath, SettingError, Settings, dump
+
+__all__ = ["Config", "ConfigError", "ModelConfig", "load_config", "preflight", "to_dict"]
 
 
 class ConfigError(ValueError):
     """A configuration mistake; the message is one line naming file and key."""
 
 
-@dataclass
-class PadimConfig:
-    dims: int = 150          # random channel subset kept from the concatenated taps
-    reg: float = 0.01        # added to the covariance diagonal
+class PadimConfig(Settings):
+    dims: int = Field(150, ge=1, description="random channel subset kept from the concatenated taps")
+    reg: float = Field(0.01, gt=0.0, description="added to the covariance diagonal (keeps the inverse stable)")
 
 
-@dataclass
-class KnnConfig:
+class KnnConfig(Settings):
     # 1 %: the greedy coreset of MTD's 445k patches took 27 min on a loaded 2-core CPU at this
     # ratio; 10 % (the paper's other setting) is for a GPU.
-    coreset_ratio: float = 0.01
-    neighbours: int = 1       # patch-level k
-    image_neighbours: int = 5  # SPADE image-level k
-    projection_dim: int = 128
-    image_score: Literal["reweighted", "map_max"] = "reweighted"  # PatchCore image score
+    coreset_ratio: float = Field(0.01, gt=0.0, le=1.0, description="PatchCore: share of patch features kept by "
+                                                                   "the greedy coreset (0.1 with a GPU)")
+    neighbours: int = Field(1, ge=1, description="patch-level k")
+    image_neighbours: int = Field(5, ge=1, description="SPADE: image-level k on pooled features")
+    projection_dim: int = Field(128, ge=1, description="random projection used while selecting the coreset")
+    image_score: Literal["reweighted", "map_max"] = Field(
+        "reweighted", description="PatchCore image score: reweighted (paper) | map_max (maximum of the blurred map)")
 
 
-@dataclass
-class TrainConfig:
-    epochs: int = 10          # upper bound; training stops earlier on the validation criterion
-    batch_size: int = 16
-    lr: float = 1e-3
-    latent_dim: int = 128
-    patience: int = 5         # epochs without validation improvement before stopping
-    on_features: bool = False
+class TrainConfig(Settings):
+    epochs: int = Field(10, ge=1, description="upper bound; training stops earlier on the validation criterion")
+    batch_size: int = Field(16, ge=1, description="images per optimisation step")
+    lr: float = Field(0.001, gt=0.0, description="Adam learning rate")
+    latent_dim: int = Field(128, ge=1, description="bottleneck / latent vector size")
+    patience: int = Field(5, ge=1, description="epochs without validation improvement before stopping")
+    on_features: bool = Field(False, description="train on backbone features instead of pixels")
 
 
-@dataclass
-class ModelConfig:
-    method: Literal["padim", "spade", "patchcore", "ae-l2", "ae-ssim", "gan", "algan"] = "padim"
-    backbone: Literal["efficientnet_lite0", "resnet18", "wide_resnet50_2"] = "efficientnet_lite0"
-    weights: Path | None = None   # torchvision-format state dict for the ResNets
+class ModelConfig(Settings):
+    method: Literal["padim", "spade", "patchcore", "ae-l2", "ae-ssim", "gan", "algan"] = Field(
+        "padim", description="padim | spade | patchcore | ae-l2 | ae-ssim | gan | algan")
+    backbone: Literal["efficientnet_lite0", "resnet18", "wide_resnet50_2"] = Field(
+        "efficientnet_lite0", description="efficientnet_lite0 (ImageNet weights bundled) | resnet18 | "
+                                          "wide_resnet50_2")
+    weights: ConfigPath | None = Field(None, description="torchvision-format .pth state dict; required for the "
+                                                         "ResNets")
     # Stride-8..16 taps: on MTD, [stage3, stage4, stage5] beat [stage2, stage3, stage4] (image AUROC
     # 0.972 vs 0.949, pixel AUPR 0.282 vs 0.258); the last stages add little and cost memory.
-    taps: list[str] = field(default_factory=lambda: ["stage3", "stage4", "stage5"])
-    input_size: list[int] = field(default_factory=lambda: [256, 256])  # height, width; multiples of 32
-    blur_sigma: float = 4.0
-    batch_size: int = 8
-    holdout: float = 0.2          # share of train/good kept out of the fit for thresholds
-    seed: int = 0
-    padim: PadimConfig = field(default_factory=PadimConfig)
-    knn: KnnConfig = field(default_factory=KnnConfig)
-    train: TrainConfig = field(default_factory=TrainConfig)
-    threshold: ThresholdConfig = field(default_factory=ThresholdConfig)
-    tiling: TilingConfig = field(default_factory=TilingConfig)
-    mask: MaskConfig = field(default_factory=MaskConfig)
-    synthetic_defects: int = 0    # defective images synthesised from held-out good ones to estimate
-                                  # the miss rate (and to set an f1 threshold without real defects)
+    taps: list[str] = Field(default_factory=lambda: ["stage3", "stage4", "stage5"], min_length=1,
+                            description="feature layers: Lite0 stage1..7 / block0..15; ResNet stem, layer1..4")
+    input_size: list[int] = Field(default_factory=lambda: [256, 256],
+                                  description="model input [height, width]; multiples of 32")
+    blur_sigma: float = Field(4.0, ge=0.0, description="Gaussian blur of the score map, in input pixels; 0 = off")
+    batch_size: int = Field(8, ge=1, description="images (or tiles) per forward pass while fitting")
+    holdout: float = Field(0.2, gt=0.0, lt=1.0, description="share of train/good held out of the fit to set the "
+                                                            "threshold")
+    seed: int = Field(0, description="fixes the channel subset, the hold-out split and any training")
+    padim: PadimConfig = Field(default_factory=PadimConfig)
+    knn: KnnConfig = Field(default_factory=KnnConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    threshold: ThresholdConfig = Field(default_factory=ThresholdConfig)
+    tiling: TilingConfig = Field(default_factory=TilingConfig)
+    mask: MaskConfig = Field(default_factory=MaskConfig)
+    synthetic_defects: int = Field(0, ge=0, description="defective images made from held-out good ones: "
+                                                        "miss-rate estimate, and f1 thresholds without real defects")
+
+    @field_validator("input_size")
+    @classmethod
+    def _input_size(cls, v: list[int]) -> list[int]:
+        if len(v) != 2 or any(s <= 0 or s % 32 or s > 4096 for s in v):
+            raise ValueError(f"expected [height, width], positive multiples of 32 up to 4096, got {v}")
+        return v
 
 
-@dataclass
-class RuntimeConfig:
-    backend: Literal["auto", "tensorrt", "torch", "onnxruntime"] = "auto"
-    device: str = "auto"          # auto | cpu | cuda | cuda:N
-    threads: int = 0              # CPU threads for torch / ONNX Runtime; 0 = all cores
-    fallback: bool = True         # a backend that cannot start falls back to the next in auto order
-    batch_size: int = 8           # tiles scored per engine call
+class RuntimeConfig(Settings):
+    backend: Literal["auto", "tensorrt", "torch", "onnxruntime"] = Field(
+        "auto", description="auto | tensorrt | torch | onnxruntime; auto: TensorRT plan > torch CUDA > "
+                            "ONNX Runtime CPU")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    threads: int = Field(0, ge=0, description="CPU threads; 0 = all cores")
+    fallback: bool = Field(True, description="if the chosen backend cannot start, fall back to the next one")
+    batch_size: int = Field(8, ge=1, description="tiles scored per engine call")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {v!r}")
+        return v
 
 
-@dataclass
-class AgentConfig:
-    model: Path | None = None     # the bundle directory to serve
-    name: str = "inspection-agent"
-    heatmap: bool = True          # publish a heatmap image per frame
-    heatmap_max_side: int = 512   # heatmaps are downscaled to this longest side
-    archive_dir: Path | None = None  # local copy of NG frames and heatmaps; None = off
-    stop_timeout_s: float = 5.0   # SIGTERM: time allowed to flush before exit
+class AgentConfig(Settings):
+    model: ConfigPath | None = Field(None, description="bundle directory to serve (required by `run`)")
+    name: str = Field("inspection-agent", min_length=1, description="name in logs and health")
+    heatmap: bool = Field(True, description="publish a heatmap image per frame")
+    heatmap_max_side: int = Field(512, ge=16, description="heatmaps are downscaled to this longest side")
+    archive_dir: ConfigPath | None = Field(None, description="not implemented yet: any value is refused")
+    stop_timeout_s: float = Field(5.0, gt=0.0, description="SIGTERM: time allowed to inspect captured frames "
+                                                           "and flush before exit")
+
+    @model_validator(mode="after")
+    def _implemented(self) -> "AgentConfig":
+        if self.archive_dir is not None:
+            raise SettingError("archive_dir", "the NG archive is not implemented in this version; remove the "
+                                              "key (verdicts and heatmaps go to MQTT)")
+        return self
 
 
-@dataclass
-class Config:
-    model: ModelConfig = field(default_factory=ModelConfig)
-    runtime: RuntimeConfig = field(default_factory=RuntimeConfig)
-    source: SourceConfig = field(default_factory=SourceConfig)
-    mqtt: MqttConfig = field(default_factory=MqttConfig)
-    agent: AgentConfig = field(default_factory=AgentConfig)
+class Config(Settings):
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
+    source: SourceConfig = Field(default_factory=SourceConfig)
+    mqtt: MqttConfig = Field(default_factory=MqttConfig)
+    agent: AgentConfig = Field(default_factory=AgentConfig)
 
 
 def load_config(path: Path | None) -> Config:
@@ -110,86 +142,200 @@ def load_config(path: Path | None) -> Config:
         return Config()
     path = Path(path)
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        text = path.read_text()
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {str(e).splitlines()[0]}") from None
-    cfg = _build(Config, data, "", path)
-    _check(cfg, path)
-    return cfg
-
-
-def to_dict(cfg: Any) -> Any:
-    """The resolved configuration as plain data (paths as strings), for printing."""
-    if dataclasses.is_dataclass(cfg):
-        return {f.name: to_dict(getattr(cfg, f.name)) for f in dataclasses.fields(cfg)}
-    if isinstance(cfg, list):
-        return [to_dict(v) for v in cfg]
-    return str(cfg) if isinstance(cfg, Path) else cfg
-
-
-def _build(cls: type, data: Any, key: str, file: Path) -> Any:
-    where = key or "top level"
-    if not isinstance(data, dict):
-        raise ConfigError(f"{file}: {where}: expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
-    names = [f.name for f in dataclasses.fields(cls)]
-    for k in data:
-        if k not in names:
-            raise ConfigError(f"{file}: unknown key '{_join(key, k)}' (expected one of: {', '.join(names)})")
-    values = {k: _coerce(hints[k], v, _join(key, k), file) for k, v in data.items()}
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read config file: {e.strerror}") from None
     try:
-        return cls(**values)
-    except ValueError as e:  # a section's own validation names the key; add the file
-        raise ConfigError(f"{file}: {e}") from None
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}{_yaml_where(e)}: not valid YAML: {_yaml_problem(e)}") from None
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: top level: expected a mapping of sections, got {type(data).__name__}")
+    try:
+        return Config.model_validate(data, context={"base": path.parent})
+    except ValidationError as e:
+        raise ConfigError(describe(e, path, _key_lines(text))) from None
 
 
-def _coerce(tp: Any, value: Any, key: str, file: Path) -> Any:
-    origin, args = typing.get_origin(tp), typing.get_args(tp)
-    if dataclasses.is_dataclass(tp):
-        return _build(tp, value, key, file)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        inner = [a for a in args if a is not type(None)]
-        return _coerce(inner[0], value, key, file)
-    if origin is Literal:
-        if value not in args:
-            raise ConfigError(f"{file}: {key}: expected one of {', '.join(map(repr, args))}, got {value!r}")
-        return value
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"{file}: {key}: expected a list, got {value!r}")
-        return [_coerce(args[0], v, f"{key}[{i}]", file) for i, v in enumerate(value)]
-    if tp is Path:
-        if not isinstance(value, str):
-            raise ConfigError(f"{file}: {key}: expected a path, got {value!r}")
-        p = Path(value).expanduser()
-        return p if p.is_absolute() else (file.parent / p)
-    if tp is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if tp in (int, float, str, bool) and (type(value) is not tp):
-        raise ConfigError(f"{file}: {key}: expected {tp.__name__}, got {type(value).__name__} {value!r}")
-    return value
+def preflight(cfg: Config, file: Path | None, *, serving: bool = False) -> None:
+    """What ``run`` (``serving``) or any command needs from this machine; ConfigError on the first gap."""
+    where = str(file) if file is not None else "built-in defaults"
+    lines = _key_lines(Path(file).read_text()) if file is not None and Path(file).is_file() else {}
+    checks: list[tuple[str, Any]] = [("model", _model_files), ("mqtt", _mqtt_files), ("source", _source_files),
+                                     ("runtime", _runtime_device)]
+    if serving:
+        checks.append(("agent", _agent_bundle))
+    for section, check in checks:
+        try:
+            check(getattr(cfg, section), serving)
+        except SettingError as e:
+            loc = (section, *e.key.split("."))
+            raise ConfigError(f"{where}{_line(lines, loc)}: {section}.{e.key}: {e.message}") from None
 
 
-def _check(cfg: Config, file: Path) -> None:
-    """Cross-field rules and files that must exist."""
-    h, w = (cfg.model.input_size + [0, 0])[:2]
-    if len(cfg.model.input_size) != 2 or h % 32 or w % 32 or h <= 0 or w <= 0:
-        raise ConfigError(f"{file}: model.input_size: expected [height, width], positive multiples of 32, "
-                          f"got {cfg.model.input_size}")
-    if not 0.0 < cfg.model.holdout < 1.0:
-        raise ConfigError(f"{file}: model.holdout: expected a fraction between 0 and 1, got {cfg.model.holdout}")
-    files = {"model.weights": cfg.model.weights, "agent.model": cfg.agent.model,
-             "mqtt.ca_file": cfg.mqtt.ca_file, "mqtt.password_file": cfg.mqtt.password_file}
-    if cfg.source.kind in ("folder", "video"):
-        files["source.path"] = cfg.source.path
-    for key, p in files.items():
-        if p is not None and not Path(p).exists():
-            raise ConfigError(f"{file}: {key}: file not found: {p}")
+def to_dict(cfg: Settings) -> dict[str, Any]:
+    """The resolved configuration as plain data (paths as strings), for printing."""
+    return dump(cfg)
 
 
-def _join(prefix: str, k: Any) -> str:
-    return f"{prefix}.{k}" if prefix else str(k)
+# --- preflight checks, one per section ------------------------------------------------------
+
+def _model_files(model: ModelConfig, serving: bool) -> None:
+    if model.weights is not None and not Path(model.weights).is_file():
+        raise SettingError("weights", f"file not found: {model.weights}")
+
+
+def _mqtt_files(mqtt: MqttConfig, serving: bool) -> None:
+    from agent.mqtt import check_files
+
+    check_files(mqtt)
+
+
+def _source_files(source: SourceConfig, serving: bool) -> None:
+    from agent.sources import SourceError, open_source
+
+    try:
+        open_source(source)  # checked, not started
+    except SourceError as e:
+        key, _, message = str(e).removeprefix("source.").partition(": ")
+        raise SettingError(key, message) from None
+
+
+def _runtime_device(runtime: RuntimeConfig, serving: bool) -> None:
+    if not runtime.device.startswith("cuda"):
+        return  # auto and cpu work everywhere; only an explicit GPU needs torch to look
+    import torch
+
+    index = int(runtime.device.partition(":")[2] or 0)
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if index >= count:
+        raise SettingError("device", f"{runtime.device} requested, but torch sees {count} CUDA device(s)")
+
+
+def _agent_bundle(agent: AgentConfig, serving: bool) -> None:
+    from engines.bundle import BundleError, load_bundle
+
+    if agent.model is None:
+        raise SettingError("model", "a bundle directory is required to run")
+    if not Path(agent.model).is_dir():
+        raise SettingError("model", f"bundle directory not found: {agent.model}")
+    try:
+        load_bundle(agent.model)
+    except BundleError as e:
+        raise SettingError("model", str(e)) from None
+
+
+# --- error messages ---------------------------------------------------------------------------
+
+_EXPECTED = {
+    "int_type": "expected an integer", "int_parsing": "expected an integer",
+    "float_type": "expected a number", "float_parsing": "expected a number",
+    "bool_type": "expected true or false", "bool_parsing": "expected true or false",
+    "string_type": "expected a string", "list_type": "expected a list",
+    "model_type": "expected a mapping", "dict_type": "expected a mapping", "model_attributes_type": "expected a mapping",
+    "path_type": "expected a path",
+}
+
+_BOUNDS = {
+    "greater_than": "more than {gt}", "greater_than_equal": "at least {ge}",
+    "less_than": "less than {lt}", "less_than_equal": "at most {le}",
+    "too_short": "at least {min_length} item(s)", "too_long": "at most {max_length} item(s)",
+    "string_too_short": "at least {min_length} character(s)", "string_pattern_mismatch": "a value matching {pattern}",
+}
+
+
+def describe(error: ValidationError, file: Path | str, lines: dict[tuple, int] | None = None) -> str:
+    """One line for the first error: ``file:line: key: what was expected, got what``."""
+    err = error.errors(include_url=False)[0]
+    loc = tuple(err["loc"])
+    key = _key(loc)
+    cause = (err.get("ctx") or {}).get("error")
+    if isinstance(cause, SettingError):
+        key = f"{key}.{cause.key}" if key else cause.key
+        loc = loc + tuple(cause.key.split("."))
+        what = cause.message
+    elif err["type"] == "extra_forbidden":
+        fields = _fields_at(error.title, loc[:-1])
+        return (f"{file}{_line(lines, loc)}: unknown key '{key}'"
+                + (f" (expected one of: {', '.join(fields)})" if fields else ""))
+    elif err["type"] == "literal_error":
+        what = f"expected one of {err['ctx']['expected']}, got {err['input']!r}"
+    elif err["type"] in _EXPECTED:
+        what = f"{_EXPECTED[err['type']]}, got {_shown(err['input'])}"
+    elif err["type"] in _BOUNDS:
+        what = f"expected {_BOUNDS[err['type']].format(**err['ctx'])}, got {_shown(err['input'])}"
+    else:
+        what = f"{err['msg'][0].lower()}{err['msg'][1:]}".removeprefix("value error, ")
+        what += f", got {_shown(err['input'])}" if "got" not in what and not isinstance(err["input"], dict) else ""
+    return f"{file}{_line(lines, loc)}: {key or 'top level'}: {what}"
+
+
+def _key(loc: tuple) -> str:
+    out = ""
+    for part in loc:
+        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
+    return out
+
+
+def _shown(value: Any) -> str:
+    if isinstance(value, (dict, list)):
+        return type(value).__name__
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _fields_at(title: str, loc: tuple) -> list[str]:
+    model: Any = Config
+    for part in loc:
+        info = getattr(model, "model_fields", {}).get(part)
+        if info is None:
+            return []
+        model = info.annotation
+    return list(getattr(model, "model_fields", {}))
+
+
+def _line(lines: dict[tuple, int] | None, loc: tuple) -> str:
+    while lines and loc:
+        if loc in lines:
+            return f":{lines[loc]}"
+        loc = loc[:-1]
+    return ""
+
+
+def _key_lines(text: str) -> dict[tuple, int]:
+    """(key, path, ...) -> 1-based line of that key in the YAML text."""
+    out: dict[tuple, int] = {}
+
+    def walk(node: yaml.Node, path: tuple) -> None:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = path + (k.value,)
+                out[key] = k.start_mark.line + 1
+                walk(v, key)
+        elif isinstance(node, yaml.SequenceNode):
+            for i, v in enumerate(node.value):
+                out[path + (i,)] = v.start_mark.line + 1
+                walk(v, path + (i,))
+
+    try:
+        root = yaml.compose(text)
+    except yaml.YAMLError:
+        return out
+    if root is not None:
+        walk(root, ())
+    return out
+
+
+def _yaml_where(e: yaml.YAMLError) -> str:
+    mark = getattr(e, "problem_mark", None)
+    return f":{mark.line + 1}:{mark.column + 1}" if mark is not None else ""
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    problem = getattr(e, "problem", None)
+    context = getattr(e, "context", None)
+    return " ".join(re.sub(r"\s+", " ", p) for p in (context, problem) if p) or str(e).splitlines()[0]

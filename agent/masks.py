@@ -24,13 +24,16 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Literal, Protocol
 
 import cv2
 import numpy as np
+from pydantic import Field, model_validator
+
+from engines.settings import SettingError, Settings
 
 log = logging.getLogger(__name__)
 
@@ -40,47 +43,46 @@ _RANSAC_PX = 3.0            # reprojection tolerance at the matching scale
 _MAX_SCALE_CHANGE = 2.0     # a homography scaling the part by more than this is implausible
 
 
-@dataclass
-class MaskConfig:
-    kind: Literal["none", "roi", "features"] = "none"
-    polygons: list[list[list[float]]] = field(default_factory=list)  # [[x, y], ...]: roi in frame pixels;
-                                                                     # features with object: polygons,
-                                                                     # the part on the reference images
-    detector: Literal["orb", "sift", "akaze", "brisk"] = "orb"       # features: keypoint detector
-    references: int = 3              # features: good images kept in the bundle as references
-    object: Literal["auto", "polygons", "frame"] = "auto"            # features: the part on a reference
-    max_keypoints: int = 1000        # features: strongest keypoints kept per image
-    match_side: int = 512            # features: images are matched at this longest side (or smaller)
-    ratio: float = 0.75              # features: Lowe ratio test
-    min_matches: int = 12            # features: RANSAC inliers needed to trust the homography
-    min_region_matches: int = 8      # features: RANSAC inliers needed for the hull fallback
-    margin: float = 0.01             # features: dilation of the object mask, share of the frame's longest side
-    hull_margin: float = 0.05        # features: dilation of the matched points' hull (keypoints keep off edges)
-    outside_weight: float = 0.0      # score-map weight outside the object (0..1)
+class MaskConfig(Settings):
+    kind: Literal["none", "roi", "features"] = Field(
+        "none", description="none | roi (the polygons below) | features (keypoints matched to reference good images)")
+    polygons: list[list[list[float]]] = Field(
+        default_factory=list, description="[[[x, y], ...], ...] in pixels: roi on the frame; features with "
+                                          "object: polygons, the part on the references")
+    detector: Literal["orb", "sift", "akaze", "brisk"] = Field(
+        "orb", description="features: keypoint detector (AKAZE and BRISK need OpenCV 4.x, or opencv-contrib "
+                           "with OpenCV 5)")
+    references: int = Field(3, ge=1, description="features: good images kept in the bundle as references")
+    object: Literal["auto", "polygons", "frame"] = Field(
+        "auto", description="features: the part on a reference: auto (Otsu where part and background "
+                            "separate, else the whole frame) | polygons | frame")
+    max_keypoints: int = Field(1000, ge=8, description="features: strongest keypoints kept per image")
+    match_side: int = Field(512, ge=64, description="features: images are matched at this longest side or "
+                                                    "smaller (bounds per-frame work)")
+    ratio: float = Field(0.75, gt=0.0, lt=1.0, description="features: Lowe ratio test")
+    min_matches: int = Field(12, ge=4, description="features: RANSAC inliers needed to warp the reference "
+                                                   "object mask onto the frame (a homography needs 4)")
+    min_region_matches: int = Field(8, ge=3, description="features: RANSAC inliers needed for the fallback "
+                                                         "(hull of the inliers); fewer: whole frame")
+    margin: float = Field(0.01, ge=0.0, lt=0.5, description="features: dilation of the object mask, share of "
+                                                            "the frame's longest side")
+    hull_margin: float = Field(0.05, ge=0.0, lt=0.5, description="features: dilation of the fallback hull, "
+                                                                 "share of the frame's longest side")
+    outside_weight: float = Field(0.0, ge=0.0, le=1.0, description="score-map weight outside the object (0..1)")
 
-    def __post_init__(self) -> None:
-        rules = [
-            ("outside_weight", 0.0 <= self.outside_weight <= 1.0, "between 0 and 1"),
-            ("references", self.references >= 1, "at least 1"),
-            ("max_keypoints", self.max_keypoints >= 8, "at least 8"),
-            ("match_side", self.match_side >= 64, "at least 64"),
-            ("ratio", 0.0 < self.ratio < 1.0, "between 0 and 1"),
-            ("min_matches", self.min_matches >= 4, "at least 4 (a homography needs 4 points)"),
-            ("min_region_matches", 3 <= self.min_region_matches <= self.min_matches,
-             "at least 3 (a hull needs 3 points) and at most min_matches"),
-            ("margin", 0.0 <= self.margin < 0.5, "between 0 and 0.5"),
-            ("hull_margin", 0.0 <= self.hull_margin < 0.5, "between 0 and 0.5"),
-        ]
-        for key, ok, expected in rules:
-            if not ok:
-                raise ValueError(f"mask.{key}: expected {expected}, got {getattr(self, key)!r}")
+    @model_validator(mode="after")
+    def _consistent(self) -> "MaskConfig":
+        if self.min_region_matches > self.min_matches:
+            raise SettingError("min_region_matches", f"expected at most min_matches ({self.min_matches}), "
+                                                     f"got {self.min_region_matches}")
         for i, poly in enumerate(self.polygons):
             if len(poly) < 3 or any(len(p) != 2 for p in poly):
-                raise ValueError(f"mask.polygons[{i}]: expected at least 3 [x, y] points, got {poly!r}")
+                raise SettingError(f"polygons[{i}]", f"expected at least 3 [x, y] points, got {poly!r}")
         needs_polygons = self.kind == "roi" or (self.kind == "features" and self.object == "polygons")
         if needs_polygons and not self.polygons:
-            raise ValueError(f"mask.polygons: mask.kind {self.kind!r} with mask.object {self.object!r} "
-                             "needs at least one polygon")
+            raise SettingError("polygons", f"kind {self.kind!r} with object {self.object!r} needs at least "
+                                           "one polygon")
+        return self
 
 
 class ObjectMask(Protocol):
@@ -222,7 +224,7 @@ class FeatureMask:
 
 def fit_mask(cfg: MaskConfig, good_paths: list[Path], bundle_dir: Path) -> dict[str, Any]:
     """Write what the mask needs into ``bundle_dir`` (``mask/``); return the manifest section."""
-    section = asdict(cfg)
+    section = cfg.model_dump(mode="json")
     if cfg.kind == "roi":
         return section
     if cfg.kind != "features":
@@ -268,8 +270,7 @@ def reference_object(grey: np.ndarray, cfg: MaskConfig) -> tuple[np.ndarray, str
 
 def load_mask(section: dict[str, Any], bundle_dir: Path) -> ObjectMask:
     """The mask a bundle's manifest describes; files come from the (hash-checked) bundle."""
-    names = {f.name for f in fields(MaskConfig)}
-    cfg = MaskConfig(**{k: v for k, v in section.items() if k in names})
+    cfg = MaskConfig(**{k: v for k, v in section.items() if k in MaskConfig.model_fields})
     if cfg.kind == "roi":
         return RoiMask(cfg.polygons, cfg.outside_weight)
     if cfg.kind != "features":

@@ -34,6 +34,7 @@ import logging
 import os
 import queue
 import socket
+import ssl
 import threading
 import time
 from dataclasses import dataclass
@@ -46,9 +47,11 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+from pydantic import Field, model_validator
 
-from agent.spool import Spool, SpoolItem
+from agent.spool import Spool, SpoolItem, check_spool_path
 from agent.verdict import Verdict
+from engines.settings import ConfigPath, SettingError, Settings
 
 log = logging.getLogger(__name__)
 
@@ -60,48 +63,50 @@ _IMAGE_TYPES = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg"
 _TOPIC_ESCAPES = {"%": "%25", "/": "%2F", "+": "%2B", "#": "%23", "\0": "%00"}
 
 
-@dataclass
-class MqttConfig:
-    host: str = "localhost"
-    port: int = 1883
-    topic_prefix: str = "inspection/line1"
-    client_id: str = ""                  # "" = "inspection-agent-<hostname>"; unique per broker
-    protocol: Literal["5", "3.1.1"] = "5"
-    tls: bool = False
-    ca_file: Path | None = None          # None with tls = the system CA store
-    cert_file: Path | None = None        # client certificate and key, for mutual TLS
-    key_file: Path | None = None
-    username: str | None = None
-    # The password is never in the config text: read from this file (first line) ...
-    password_file: Path | None = None
-    # ... or from the environment variable of this name (e.g. set by systemd's LoadCredential).
-    password_env: str | None = None
-    keepalive: int = 30                  # seconds; the Last Will fires after 1.5x this on a silent link
-    qos: Literal[1, 2] = 1               # verdicts and heatmaps; QoS 0 has no ack to delete the spool item on
-    heatmap_format: Literal["png", "jpeg"] = "png"  # how the pipeline encodes heatmaps
-    health_interval_s: float = 10.0
-    reconnect_min_s: float = 1.0         # backoff doubles from min to max between attempts
-    reconnect_max_s: float = 30.0
-    spool_path: Path = Path("/var/lib/inspection-agent/spool.sqlite")
-    spool_max_messages: int = 100_000
-    spool_max_bytes: int = 512 * 1024 * 1024
+class MqttConfig(Settings):
+    host: str = Field("localhost", min_length=1, description="broker host")
+    port: int = Field(1883, ge=1, le=65535, description="broker port (8883 is usual with TLS)")
+    topic_prefix: str = Field("inspection/line1", description="topics: <prefix>/verdict, /heatmap/<frame_id>, "
+                                                              "/status, /health")
+    client_id: str = Field("", description='"" = inspection-agent-<hostname>; unique per broker')
+    protocol: Literal["5", "3.1.1"] = Field("5", description='"5" (MQTT 5) | "3.1.1"')
+    tls: bool = Field(False, description="connect with TLS")
+    ca_file: ConfigPath | None = Field(None, description="CA bundle for TLS; null = system store")
+    cert_file: ConfigPath | None = Field(None, description="client certificate (mutual TLS)")
+    key_file: ConfigPath | None = Field(None, description="client key (mutual TLS)")
+    username: str | None = Field(None, description="broker user name")
+    password_file: ConfigPath | None = Field(None, description="password is read from this file (first line) ...")
+    password_env: str | None = Field(None, min_length=1, description="... or from this environment variable; "
+                                                                     "never written in this file")
+    keepalive: int = Field(30, ge=5, le=65535, description="seconds; the Last Will fires after 1.5x this on a "
+                                                           "silent link")
+    # QoS 0 has no acknowledgement to delete the spooled item on.
+    qos: int = Field(1, ge=1, le=2, description="verdict and heatmap QoS (1 or 2)")
+    heatmap_format: Literal["png", "jpeg"] = Field("png", description="png | jpeg")
+    health_interval_s: float = Field(10.0, gt=0.0, description="period of <prefix>/health")
+    reconnect_min_s: float = Field(1.0, gt=0.0, description="broker reconnect backoff, doubling ...")
+    reconnect_max_s: float = Field(30.0, gt=0.0, description="... up to this")
+    spool_path: ConfigPath = Field(Path("/var/lib/inspection-agent/spool.sqlite"),
+                                   description="store-and-forward spool (SQLite)")
+    spool_max_messages: int = Field(100_000, ge=1, description="spool bound; when full, oldest heatmaps go "
+                                                               "first, then oldest verdicts")
+    spool_max_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="spool bound in bytes (512 MiB)")
 
-    def __post_init__(self) -> None:
+    @model_validator(mode="after")
+    def _consistent(self) -> "MqttConfig":
         prefix = self.topic_prefix
         if not prefix or prefix.startswith("/") or prefix.endswith("/") or set(prefix) & {"+", "#", "\0"}:
-            raise ValueError(f"mqtt.topic_prefix: expected a topic without wildcards or leading/trailing '/', "
-                             f"got {prefix!r}")
-        if not 0 < self.port < 65536:
-            raise ValueError(f"mqtt.port: expected 1..65535, got {self.port}")
-        if not 0 < self.reconnect_min_s <= self.reconnect_max_s:
-            raise ValueError(f"mqtt.reconnect_min_s/reconnect_max_s: expected 0 < min <= max, "
-                             f"got {self.reconnect_min_s} and {self.reconnect_max_s}")
+            raise SettingError("topic_prefix", f"expected a topic without wildcards or leading/trailing '/', "
+                                               f"got {prefix!r}")
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise SettingError("reconnect_max_s", f"expected at least reconnect_min_s ({self.reconnect_min_s}), "
+                                                  f"got {self.reconnect_max_s}")
         if (self.cert_file is None) != (self.key_file is None):
-            raise ValueError("mqtt.cert_file/key_file: give both for a client certificate, or neither")
+            raise SettingError("cert_file", "give both cert_file and key_file for a client certificate, or neither")
         if self.password_file is not None and self.password_env is not None:
-            raise ValueError("mqtt.password_file/password_env: give one source for the password, not both")
-        if self.keepalive < 5:
-            raise ValueError(f"mqtt.keepalive: expected at least 5 seconds, got {self.keepalive}")
+            raise SettingError("password_file", "give one source for the password (password_file or "
+                                                "password_env), not both")
+        return self
 
 
 @dataclass(frozen=True)
@@ -124,13 +129,41 @@ def read_password(cfg: MqttConfig) -> str | None:
         try:
             lines = Path(cfg.password_file).read_text().splitlines()
         except OSError as e:
-            raise ValueError(f"mqtt.password_file: cannot read {cfg.password_file}: {e.strerror}") from None
+            raise SettingError("password_file", f"cannot read {cfg.password_file}: {e.strerror}") from None
         return lines[0] if lines else ""
     if cfg.password_env is not None:
         if cfg.password_env not in os.environ:
-            raise ValueError(f"mqtt.password_env: environment variable {cfg.password_env} is not set")
+            raise SettingError("password_env", f"environment variable {cfg.password_env} is not set")
         return os.environ[cfg.password_env]
     return None
+
+
+def check_files(cfg: MqttConfig) -> None:
+    """Everything the connection needs from the machine: the password's source, TLS files that
+    parse, a usable spool path. Raises SettingError naming the key."""
+    read_password(cfg)
+    if cfg.tls:
+        tls_context(cfg)
+    check_spool_path(cfg.spool_path)
+
+
+def tls_context(cfg: MqttConfig) -> ssl.SSLContext:
+    """The client's TLS context; a missing or unparsable CA, certificate or key is a SettingError."""
+    for key in ("ca_file", "cert_file", "key_file"):
+        path = getattr(cfg, key)
+        if path is not None and not Path(path).is_file():
+            raise SettingError(key, f"file not found: {path}")
+    try:
+        context = ssl.create_default_context(ssl.Purpose.SERVER_AUTH, cafile=_str(cfg.ca_file))
+    except (ssl.SSLError, OSError) as e:
+        raise SettingError("ca_file", f"{cfg.ca_file}: not a usable CA bundle (PEM): {e}") from None
+    if cfg.cert_file is not None:
+        try:
+            context.load_cert_chain(str(cfg.cert_file), _str(cfg.key_file))
+        except (ssl.SSLError, OSError) as e:
+            raise SettingError("cert_file", f"{cfg.cert_file} with key {cfg.key_file}: not a usable client "
+                                            f"certificate and key (PEM): {e}") from None
+    return context
 
 
 class Publisher:
@@ -235,11 +268,7 @@ class Publisher:
         if cfg.username is not None:
             client.username_pw_set(cfg.username, password)
         if cfg.tls:
-            for key in ("ca_file", "cert_file", "key_file"):
-                path = getattr(cfg, key)
-                if path is not None and not Path(path).is_file():
-                    raise ValueError(f"mqtt.{key}: file not found: {path}")
-            client.tls_set(ca_certs=_str(cfg.ca_file), certfile=_str(cfg.cert_file), keyfile=_str(cfg.key_file))
+            client.tls_set_context(tls_context(cfg))
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect

@@ -39,10 +39,12 @@ from typing import Literal
 
 import cv2
 import numpy as np
+from pydantic import Field, model_validator
 
 from agent.frames import Frame
 from calibration.data import IMAGE_SUFFIXES
 from calibration.synthetic import DEFECT_KINDS, synthetic_part
+from engines.settings import ConfigPath, SettingError, Settings
 
 log = logging.getLogger(__name__)
 
@@ -52,48 +54,51 @@ BOOT_ID = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S") + secrets.token_h
 _FFMPEG_SCHEMES = ("rtsp", "rtsps", "rtmp", "http", "https", "udp", "tcp", "srt")
 
 
-class SourceError(RuntimeError):
-    """A source that cannot be set up as configured (raised in the caller's thread, never the source's)."""
+class SourceError(ValueError):
+    """A source that cannot be set up as configured (raised in the caller's thread, never the source's);
+    the message starts with the key, e.g. ``source.url: ...``."""
 
 
-@dataclass
-class SourceConfig:
-    kind: Literal["folder", "video", "camera", "stream", "synthetic"] = "folder"
-    path: Path | None = None          # folder or video file
-    watch: bool = False               # folder: keep watching for new files (each is read once)
-    pattern: str | None = None        # folder: glob for file names; None = image files (png, jpg, bmp, tif)
-    poll_s: float = 0.5               # folder watch: rescan interval; a file is read once unchanged for one interval
-    index: int = 0                    # camera: V4L2 device index (/dev/videoN)
-    url: str = ""                     # stream: rtsp://, http://, ... (or a GStreamer pipeline, where OpenCV has it)
-    open_timeout_s: float = 5.0
-    read_timeout_s: float = 5.0
-    reconnect_min_s: float = 0.5
-    reconnect_max_s: float = 30.0
-    mode: Literal["triggered", "free"] = "triggered"
-    queue_size: int = 8               # triggered mode; free mode keeps only the newest frame
-    fps: float = 0.0                  # pacing for folder, video and synthetic; 0 = as fast as consumed
-    count: int = 0                    # synthetic: number of frames; 0 = endless
-    size: list[int] = field(default_factory=lambda: [256, 256])  # synthetic: height, width
-    defect_rate: float = 0.2          # synthetic: share of frames with a defect
-    seed: int = 0                     # synthetic
-    grey: bool = False                # deliver HxW grey frames; False delivers HxWx3 BGR
+class SourceConfig(Settings):
+    kind: Literal["folder", "video", "camera", "stream", "synthetic"] = Field(
+        "synthetic", description="folder | video | camera | stream | synthetic")
+    path: ConfigPath | None = Field(None, description="folder of images, or a video file")
+    watch: bool = Field(False, description="folder: keep watching for new files (each file once)")
+    pattern: str | None = Field(None, description="folder: file-name glob; null = image files")
+    poll_s: float = Field(0.5, gt=0.0, description="folder watch: rescan interval, seconds")
+    settle_s: float = Field(1.0, ge=0.0, description="folder watch: a file is taken once its size and mtime "
+                                                     "held still this long; 0 = at first sight (writers that "
+                                                     "rename complete files into the folder)")
+    max_pixels: int = Field(50_000_000, ge=1024, description="largest frame accepted (width x height, read "
+                                                             "from the file header before decoding); larger "
+                                                             "frames give an error verdict")
+    index: int = Field(0, ge=0, description="camera: V4L2 index (/dev/videoN)")
+    url: str = Field("", description="stream: rtsp://... or http://... (FFmpeg; PyPI OpenCV has no GStreamer)")
+    open_timeout_s: float = Field(5.0, gt=0.0, description="camera/stream open timeout")
+    read_timeout_s: float = Field(5.0, gt=0.0, description="stream read timeout")
+    reconnect_min_s: float = Field(0.5, gt=0.0, description="reconnect backoff starts here ...")
+    reconnect_max_s: float = Field(30.0, gt=0.0, description="... and doubles up to here")
+    mode: Literal["triggered", "free"] = Field(
+        "triggered", description="triggered: never drop, block the source | free: keep the newest frame, "
+                                 "count drops")
+    queue_size: int = Field(8, ge=1, description="triggered mode: frames buffered between source and inference")
+    fps: float = Field(0.0, ge=0.0, description="pacing for folder/video/synthetic; 0 = as fast as inference "
+                                                "takes them")
+    count: int = Field(0, ge=0, description="synthetic: number of frames; 0 = endless")
+    size: list[int] = Field(default_factory=lambda: [256, 256], min_length=2, max_length=2,
+                            description="synthetic: frame [height, width]")
+    defect_rate: float = Field(0.2, ge=0.0, le=1.0, description="synthetic: share of frames with a drawn defect")
+    seed: int = Field(0, description="synthetic: random seed")
+    grey: bool = Field(False, description="deliver grey frames instead of BGR")
 
-    def __post_init__(self) -> None:
-        rules = [
-            ("queue_size", self.queue_size >= 1, "at least 1"),
-            ("fps", self.fps >= 0, "0 or more"),
-            ("count", self.count >= 0, "0 or more"),
-            ("defect_rate", 0 <= self.defect_rate <= 1, "between 0 and 1"),
-            ("poll_s", self.poll_s > 0, "more than 0"),
-            ("open_timeout_s", self.open_timeout_s > 0, "more than 0"),
-            ("read_timeout_s", self.read_timeout_s > 0, "more than 0"),
-            ("reconnect_min_s", self.reconnect_min_s > 0, "more than 0"),
-            ("reconnect_max_s", self.reconnect_max_s >= self.reconnect_min_s, "at least reconnect_min_s"),
-            ("size", len(self.size) == 2 and min(self.size) >= 32, "[height, width], each at least 32"),
-        ]
-        for name, ok, expected in rules:
-            if not ok:
-                raise ValueError(f"source.{name}: expected {expected}, got {getattr(self, name)!r}")
+    @model_validator(mode="after")
+    def _consistent(self) -> "SourceConfig":
+        if self.reconnect_max_s < self.reconnect_min_s:
+            raise SettingError("reconnect_max_s", f"expected at least reconnect_min_s ({self.reconnect_min_s}), "
+                                                  f"got {self.reconnect_max_s}")
+        if min(self.size) < 32:
+            raise SettingError("size", f"expected [height, width], each at least 32, got {self.size}")
+        return self
 
 
 @dataclass

@@ -21,6 +21,7 @@ guarded by a lock.
 from __future__ import annotations
 
 import logging
+import os
 import sqlite3
 import threading
 import time
@@ -57,6 +58,29 @@ class SpoolItem:
     retain: bool
     kind: str
     created: float
+
+
+def check_spool_path(path: Path) -> None:
+    """Refuse a spool path that cannot work at all (a SettingError for ``spool_path``): it is a
+    directory, or its folder cannot be made or written. Creates nothing."""
+    from engines.settings import SettingError
+
+    path = Path(path)
+    if path.is_dir():
+        raise SettingError("spool_path", f"{path} is a directory; give a file path (e.g. {path}/spool.sqlite)")
+    if path.exists():
+        if not path.is_file():
+            raise SettingError("spool_path", f"{path} is not a regular file")
+        if not os.access(path, os.R_OK | os.W_OK):
+            raise SettingError("spool_path", f"{path}: not readable and writable by this user")
+    folder = path.parent
+    while not folder.exists():
+        folder = folder.parent
+    if not folder.is_dir():
+        raise SettingError("spool_path", f"{folder} is not a directory, so the spool's folder {path.parent} "
+                                         "cannot be made")
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise SettingError("spool_path", f"{folder} is not writable by this user, so the spool cannot be made")
 
 
 class Spool:

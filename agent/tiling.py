@@ -12,14 +12,18 @@ from typing import Iterator, Literal
 import cv2
 import numpy as np
 import torch
+from pydantic import Field
+
+from engines.settings import Settings
 
 
-@dataclass
-class TilingConfig:
-    enabled: bool = False     # False: the whole frame is resized to the model input
-    overlap: float = 0.25     # share of a tile shared with its neighbour
-    scale: float = 1.0        # frame is resized by this factor before tiling
-    stats: Literal["shared", "per_position"] = "shared"  # textures: shared; aligned parts: per tile position
+class TilingConfig(Settings):
+    enabled: bool = Field(False, description="false: the frame is resized to input_size; true: cut into "
+                                             "input_size tiles")
+    overlap: float = Field(0.25, ge=0.0, lt=1.0, description="share of a tile overlapping its neighbour")
+    scale: float = Field(1.0, gt=0.0, le=4.0, description="the frame is resized by this factor before tiling")
+    stats: Literal["shared", "per_position"] = Field(
+        "shared", description="shared (textures) | per_position (aligned parts, fixed frame size)")
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,6 @@ from __future__ import annotations
 import logging
 import random
 import shutil
-from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -56,7 +55,7 @@ def calibrate(data: Path, out: Path, cfg: ModelConfig, progress: bool = True) ->
     manifest = Manifest(method=cfg.method, network=result.network,
                         input={"size": list(hw), "mean": list(mean), "std": list(std)},
                         head=result.head, postprocess={"blur_sigma": cfg.blur_sigma},
-                        tiling=asdict(cfg.tiling), score_stats={"fit": result.info})
+                        tiling=cfg.tiling.model_dump(), score_stats={"fit": result.info})
     if cfg.mask.kind != "none":
         from agent.masks import fit_mask
 

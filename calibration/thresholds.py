@@ -15,7 +15,10 @@ from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
 import numpy as np
+from pydantic import Field
 from scipy import stats
+
+from engines.settings import Settings
 
 from calibration.metrics import f1_max_threshold
 
@@ -41,21 +44,13 @@ _MIN_SAMPLES_FOR_PARETO = 2 * _MIN_EXCEEDANCES
 _MIN_SAMPLES = 10
 
 
-@dataclass
-class ThresholdConfig:
-    policy: Policy = "quantile"
-    quantile: float = 0.995
-    false_reject_rate: float = 0.005
-
-    def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise ValueError(f"threshold policy must be one of {POLICIES}, got {self.policy!r}")
-        if not 0 < self.quantile <= 1:
-            raise ValueError(f"threshold quantile must be in (0, 1], got {self.quantile}")
-        if not 0 < self.false_reject_rate < 1:
-            raise ValueError(
-                f"threshold false_reject_rate must be in (0, 1), got {self.false_reject_rate}"
-            )
+class ThresholdConfig(Settings):
+    policy: Policy = Field("quantile", description="quantile | tail (fits the upper tail, targets "
+                                                   "false_reject_rate) | f1 (needs defects)")
+    quantile: float = Field(0.995, gt=0.0, le=1.0, description="quantile policy: share of good images that "
+                                                               "must pass")
+    false_reject_rate: float = Field(0.005, gt=0.0, lt=1.0, description="tail policy: target share of good "
+                                                                        "parts rejected")
 
 
 @dataclass

@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -52,8 +51,8 @@ def one_thread():
 
 def tiny_config(method: str, on_features: bool = False, tiled: bool = False, epochs: int = 2, seed: int = 0):
     cfg = small_model_config(method, input_size=list(SIZE), seed=seed)
-    cfg.train = replace(cfg.train, epochs=epochs, batch_size=8, latent_dim=32, patience=2, on_features=on_features,
-                        lr=1e-3 if method.startswith("ae") else 2e-4)
+    cfg.train = cfg.train.model_copy(update=dict(epochs=epochs, batch_size=8, latent_dim=32, patience=2,
+                                                 on_features=on_features, lr=1e-3 if method.startswith("ae") else 2e-4))
     if tiled:
         cfg.tiling = TilingConfig(enabled=True, overlap=0.25)
     return cfg

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from agent.config import Config, ConfigError, load_config
+from agent.config import Config, ConfigError, load_config, preflight
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -22,23 +22,51 @@ def test_shipped_config_loads_and_documents_every_key() -> None:
 
 
 @pytest.mark.parametrize("text, expected", [
-    ("model:\n  methd: padim\n", "unknown key 'model.methd'"),
-    ("model:\n  padim:\n    dims: many\n", "model.padim.dims: expected int, got str"),
-    ("model:\n  method: magic\n", "model.method: expected one of"),
-    ("model:\n  input_size: [250, 256]\n", "model.input_size"),
-    ("agent:\n  model: /no/such/bundle\n", "agent.model: file not found: /no/such/bundle"),
-    ("mqtt:\n  port: 70000\n", "mqtt.port"),
-    ("source:\n  kind: folder\n  path: /no/such/dir\n", "source.path"),
-    ("model: [1, 2]\n", "model: expected a mapping"),
-    ("model: {\n", "not valid YAML"),
+    ("model:\n  methd: padim\n", ":2: unknown key 'model.methd'"),
+    ("model:\n  padim:\n    dims: many\n", ":3: model.padim.dims: expected an integer, got 'many'"),
+    ("model:\n  method: magic\n", ":2: model.method: expected one of"),
+    ("model:\n  input_size: [250, 256]\n", ":2: model.input_size: expected [height, width], positive multiples"),
+    ("mqtt:\n  port: 70000\n", ":2: mqtt.port: expected at most 65535, got 70000"),
+    ("model: [1, 2]\n", ":1: model: expected a mapping, got list"),
+    ("model: {\n", ":2:1: not valid YAML"),
+    ("source:\n  fps: 1\nmqtt:\n  qos: true\n", ":4: mqtt.qos: expected an integer, got True"),
+    ("agent:\n  heatmap: 1\n", ":2: agent.heatmap: expected true or false, got 1"),
+    ("mqtt:\n  health_interval_s: 0\n", ":2: mqtt.health_interval_s: expected more than 0"),
+    ("source:\n  reconnect_min_s: -1\n", ":2: source.reconnect_min_s: expected more than 0"),
+    ("runtime:\n  threads: -2\n", ":2: runtime.threads: expected at least 0, got -2"),
+    ("runtime:\n  device: gpu0\n", ":2: runtime.device: expected auto, cpu, cuda or cuda:N, got 'gpu0'"),
+    ("agent:\n  archive_dir: /tmp/a\n", ":2: agent.archive_dir: the NG archive is not implemented"),
+    ("model:\n  mask:\n    kind: roi\n", ":2: model.mask.polygons: kind 'roi'"),
+    ("model:\n  taps: [stage3, 4]\n", ":2: model.taps[1]: expected a string, got 4"),
 ])
-def test_bad_config_names_file_and_key(tmp_path: Path, text: str, expected: str) -> None:
+def test_bad_config_names_file_line_and_key(tmp_path: Path, text: str, expected: str) -> None:
     path = tmp_path / "bad.yaml"
     path.write_text(text)
     with pytest.raises(ConfigError) as e:
         load_config(path)
-    assert expected in str(e.value)
-    assert str(path) in str(e.value)
+    assert str(e.value).startswith(f"{path}{expected}"), str(e.value)
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("agent:\n  model: /no/such/bundle\n", ":2: agent.model: bundle directory not found: /no/such/bundle"),
+    ("source:\n  kind: folder\n  path: /no/such/dir\n", ":3: source.path: not a folder: /no/such/dir"),
+    ("mqtt:\n  password_env: NO_SUCH_VARIABLE_XYZ\n", ":2: mqtt.password_env: environment variable"),
+    ("mqtt:\n  username: u\n  password_file: missing.txt\n", ":3: mqtt.password_file: cannot read"),
+    ("mqtt:\n  tls: true\n  ca_file: ca.pem\n", ":3: mqtt.ca_file: "),
+    ("mqtt:\n  spool_path: here\n", ":2: mqtt.spool_path: "),
+    ("mqtt:\n  spool_path: config.yaml/spool.sqlite\n", ":2: mqtt.spool_path: "),
+    ("model:\n  weights: nothing.pth\n", ":2: model.weights: file not found"),
+])
+def test_preflight_finds_what_run_would_refuse(tmp_path: Path, text: str, expected: str) -> None:
+    (tmp_path / "ca.pem").write_text("not a certificate\n")
+    (tmp_path / "here").mkdir()
+    (tmp_path / "config.yaml").write_text("")
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    cfg = load_config(path)
+    with pytest.raises(ConfigError) as e:
+        preflight(cfg, path, serving=True)
+    assert str(e.value).startswith(f"{path}{expected}"), str(e.value)
 
 
 def test_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:

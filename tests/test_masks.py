@@ -2,6 +2,8 @@
 through both runtimes, and mask files under the bundle's hashes."""
 from __future__ import annotations
 
+import re
+
 import copy
 import shutil
 from pathlib import Path
@@ -96,8 +98,13 @@ def test_roi_polygon_off_the_frame_is_a_clear_error():
     (dict(min_matches=10, min_region_matches=12), "mask.min_region_matches"),
 ])
 def test_mask_config_names_the_bad_key(bad, key):
-    with pytest.raises(ValueError, match=key):
-        MaskConfig(**bad)
+    from pydantic import ValidationError
+
+    from agent.config import Config, describe
+
+    with pytest.raises(ValidationError) as e:
+        Config.model_validate({"model": {"mask": bad}})
+    assert re.match(f"f.yaml: model.{key}: ", describe(e.value, "f.yaml")), describe(e.value, "f.yaml")
 
 
 # --- feature matching ---------------------------------------------------------------------------

@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,8 +26,8 @@ METHODS = ["padim", "spade", "patchcore", "ae-l2", "ae-ssim", "gan", "algan"]
 @pytest.mark.parametrize("method", METHODS)
 def test_method_gives_one_valid_verdict_per_frame(method: str, tiled: bool, sample_data: Path, tmp_path: Path) -> None:
     cfg = small_model_config(method, input_size=[64, 64])
-    cfg.train = replace(cfg.train, epochs=1, batch_size=8, latent_dim=16, patience=1)
-    cfg.knn = replace(cfg.knn, coreset_ratio=0.1, image_neighbours=3)
+    cfg.train = cfg.train.model_copy(update=dict(epochs=1, batch_size=8, latent_dim=16, patience=1))
+    cfg.knn = cfg.knn.model_copy(update=dict(coreset_ratio=0.1, image_neighbours=3))
     cfg.tiling = TilingConfig(enabled=tiled, overlap=0.25)
     bundle = calibrate(sample_data, tmp_path / "bundle", cfg, progress=False)
     inspector = Inspector(bundle, Scorer(bundle, OrtBackend(bundle, OrtBackendConfig(threads=1))))

@@ -333,5 +333,10 @@ def test_missing_camera_keeps_retrying_without_raising():
 @pytest.mark.parametrize("field, value", [("queue_size", 0), ("defect_rate", 1.5), ("reconnect_max_s", 0.1),
                                           ("size", [16, 16])])
 def test_config_mistakes_name_the_key(field, value):
-    with pytest.raises(ValueError, match=f"source.{field}"):
-        SourceConfig(**{field: value})
+    from pydantic import ValidationError
+
+    from agent.config import Config, describe
+
+    with pytest.raises(ValidationError) as e:
+        Config.model_validate({"source": {field: value}})
+    assert describe(e.value, "f.yaml").startswith(f"f.yaml: source.{field}: expected")
