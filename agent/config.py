@@ -102,6 +102,8 @@ class RuntimeConfig(Settings):
     threads: int = Field(0, ge=0, description="CPU threads; 0 = all cores")
     fallback: bool = Field(True, description="if the chosen backend cannot start, fall back to the next one")
     batch_size: int = Field(8, ge=1, description="tiles scored per engine call")
+    map_max_side: int = Field(1024, ge=64, description="score maps, regions and heatmaps of larger frames are "
+                                                       "computed at most this long; boxes are scaled to frame pixels")
 
     @field_validator("device")
     @classmethod

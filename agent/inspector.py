@@ -43,18 +43,18 @@ class Inspector:
 
     def inspect(self, frame: Frame) -> Inspection:
         if frame.image is None:
-            return Inspection(self._error(frame, frame.error or "frame has no image"), None)
+            return Inspection(self.error_verdict(frame, frame.error or "frame has no image"), None)
         try:
             fs = self.scorer.score_frame(frame.image)
         except Exception as e:  # an engine failure is a verdict too; the stream goes on
             log.exception("frame %s: scoring failed", frame.id)
-            return Inspection(self._error(frame, f"engine failure: {type(e).__name__}: {e}"), None)
+            return Inspection(self.error_verdict(frame, f"engine failure: {type(e).__name__}: {e}"), None)
         if not np.isfinite(fs.score):
-            return Inspection(self._error(frame, f"engine produced a non-finite score ({fs.score})"), None)
+            return Inspection(self.error_verdict(frame, f"engine produced a non-finite score ({fs.score})"), None)
         t = time.perf_counter()
         timings = dict(fs.timings_ms)
         ng = fs.score >= self.threshold
-        regions = find_regions(fs.map, self.threshold) if ng else []
+        regions = find_regions(fs.map, self.threshold, fs.frame_hw) if ng else []
         timings["verdict"] = (time.perf_counter() - t) * 1000.0
         verdict = Verdict(frame_id=frame.id, seq=frame.seq, source=frame.source, timestamp=frame.t,
                           status="ng" if ng else "ok", model=self.model, image_score=fs.score,
@@ -63,24 +63,34 @@ class Inspector:
         heat = None
         if self.heatmap:
             t = time.perf_counter()
-            heat = encode_heatmap(fs.map, self.threshold, self.heatmap_max_side, self.heatmap_ext)
+            try:
+                heat = encode_heatmap(fs.map, self.threshold, self.heatmap_max_side, self.heatmap_ext)
+            except Exception:  # the verdict matters more than its picture
+                log.exception("frame %s: heatmap encoding failed; verdict sent without it", frame.id)
             timings["heatmap"] = (time.perf_counter() - t) * 1000.0
         return Inspection(verdict, heat)
 
-    def _error(self, frame: Frame, why: str) -> Verdict:
+    def error_verdict(self, frame: Frame, why: str) -> Verdict:
+        """The verdict of a frame that could not be judged, naming why."""
         return Verdict(frame_id=frame.id, seq=frame.seq, source=frame.source, timestamp=frame.t, status="error",
                        model=self.model, error=why)
 
 
-def find_regions(score_map: np.ndarray, threshold: float) -> list[Region]:
-    """Connected components of ``score_map >= threshold`` in frame pixels, strongest first."""
+def find_regions(score_map: np.ndarray, threshold: float, frame_hw: tuple[int, int] | None = None) -> list[Region]:
+    """Connected components of ``score_map >= threshold``, strongest first, in frame pixels: a map
+    smaller than the frame (``frame_hw``) has its boxes and areas scaled up to it."""
     above = (score_map >= threshold).astype(np.uint8)
     n, labels, stats, _ = cv2.connectedComponentsWithStats(above, connectivity=8)
+    mh, mw = score_map.shape
+    fh, fw = frame_hw or (mh, mw)
+    sy, sx = fh / mh, fw / mw
     regions = []
     for i in range(1, n):
         x, y, w, h, area = (int(v) for v in stats[i])
         peak = float(score_map[y:y + h, x:x + w][labels[y:y + h, x:x + w] == i].max())
-        regions.append(Region(x=x, y=y, w=w, h=h, area=area, peak=peak))
+        x0, y0 = int(x * sx), int(y * sy)
+        x1, y1 = min(fw, int(np.ceil((x + w) * sx))), min(fh, int(np.ceil((y + h) * sy)))
+        regions.append(Region(x=x0, y=y0, w=x1 - x0, h=y1 - y0, area=int(round(area * sx * sy)), peak=peak))
     regions.sort(key=lambda r: r.peak, reverse=True)
     return regions[:MAX_REGIONS]
 

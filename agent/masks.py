@@ -86,8 +86,9 @@ class MaskConfig(Settings):
 
 
 class ObjectMask(Protocol):
-    def weights(self, image: np.ndarray) -> np.ndarray:
-        """Frame-size float32 weights in [outside_weight, 1] for the score map of ``image``."""
+    def weights(self, image: np.ndarray, out_hw: tuple[int, int] | None = None) -> np.ndarray:
+        """Float32 weights in [outside_weight, 1] for the score map of ``image``, at ``out_hw``
+        (the score map's size, at the frame's aspect; default: the frame's size)."""
         ...
 
 
@@ -109,17 +110,22 @@ class RoiMask:
     """Configured polygons, rasterised once per frame size."""
 
     def __init__(self, polygons: list[list[list[float]]], outside_weight: float) -> None:
-        self.polygons = [np.round(np.asarray(p, np.float64)).astype(np.int32) for p in polygons]
+        self.polygons = [np.asarray(p, np.float64) for p in polygons]
         self.outside_weight = outside_weight
         self._weights = lru_cache(maxsize=8)(self._rasterise)
 
-    def weights(self, image: np.ndarray) -> np.ndarray:
+    def weights(self, image: np.ndarray, out_hw: tuple[int, int] | None = None) -> np.ndarray:
         # Cached and shared between frames: callers multiply, never write into it.
-        return self._weights(image.shape[:2])
+        frame_hw = tuple(image.shape[:2])
+        return self._weights(frame_hw, tuple(out_hw or frame_hw))
 
-    def _rasterise(self, frame_hw: tuple[int, int]) -> np.ndarray:
-        inside = np.zeros(frame_hw, np.uint8)
-        cv2.fillPoly(inside, self.polygons, 1)
+    def _rasterise(self, frame_hw: tuple[int, int], out_hw: tuple[int, int]) -> np.ndarray:
+        inside = np.zeros(out_hw, np.uint8)
+        # Polygons are in frame pixels; the map may be smaller (sub-pixel precision keeps thin parts).
+        shift = 4
+        sx, sy = out_hw[1] / frame_hw[1] * (1 << shift), out_hw[0] / frame_hw[0] * (1 << shift)
+        scaled = [np.round(p * np.array([sx, sy])).astype(np.int32) for p in self.polygons]
+        cv2.fillPoly(inside, scaled, 1, shift=shift)
         if not inside.any():
             raise ValueError(f"mask.polygons: no polygon covers any pixel of a {frame_hw[1]} x {frame_hw[0]} "
                              "frame (polygons are [x, y] in frame pixels)")
@@ -155,11 +161,14 @@ class FeatureMask:
             self.references.append(_Reference(pts, desc, scale, _dilate(obj, cfg.margin)))
         self.counts: Counter[str] = Counter()   # frames per outcome: homography / hull / all
 
-    def weights(self, image: np.ndarray) -> np.ndarray:
-        return _to_weights(self.locate(image).mask, self.cfg.outside_weight)
+    def weights(self, image: np.ndarray, out_hw: tuple[int, int] | None = None) -> np.ndarray:
+        return _to_weights(self.locate(image, out_hw).mask, self.cfg.outside_weight)
 
-    def locate(self, image: np.ndarray) -> Located:
-        cfg, (h, w) = self.cfg, image.shape[:2]
+    def locate(self, image: np.ndarray, out_hw: tuple[int, int] | None = None) -> Located:
+        """Where the part is; the mask comes at ``out_hw`` (default: the frame's size), the
+        homography maps reference pixels to frame pixels."""
+        cfg, (fh, fw) = self.cfg, image.shape[:2]
+        h, w = out_hw or (fh, fw)
         small, scale = _matching_view(image, cfg.match_side)
         pts, desc = self._features(small)
         best = (None, 0, np.zeros((0, 2), np.float32), None)  # reference, matches, inlier points, homography
@@ -178,7 +187,8 @@ class FeatureMask:
             # Matching-scale homography -> full reference pixels to full frame pixels.
             full = np.diag([1 / scale, 1 / scale, 1.0]) @ H @ np.diag([ref.scale, ref.scale, 1.0])
             if _plausible(full, ref.obj.shape[:2]):
-                warped = cv2.warpPerspective(ref.obj, full, (w, h), flags=cv2.INTER_LINEAR, borderValue=0)
+                to_out = np.diag([w / fw, h / fh, 1.0]) @ full
+                warped = cv2.warpPerspective(ref.obj, to_out, (w, h), flags=cv2.INTER_LINEAR, borderValue=0)
                 if warped.any():
                     return self._found(Located(warped.astype(np.float32) / 255.0, "homography", full, i,
                                                matches, len(inliers)))

@@ -127,6 +127,7 @@ class FrameSource:
         self._stats = SourceStats()
         self._seq = 0
         self._paced_from = 0.0
+        self.failure: str | None = None   # why a batch source ended before its end
 
     def start(self) -> None:
         if self._thread is not None:
@@ -152,6 +153,15 @@ class FrameSource:
             self._thread.join(timeout if timeout is not None else self._stop_timeout())
             if self._thread.is_alive():
                 log.warning("source %s: capture thread did not stop in time", self.name)
+
+    def take_queued(self) -> list[Frame]:
+        """The frames still queued (after ``stop``), without waiting."""
+        out = []
+        while True:
+            try:
+                out.append(self._queue.get_nowait())
+            except queue.Empty:
+                return out
 
     @property
     def finished(self) -> bool:

@@ -86,13 +86,14 @@ class Stitcher:
         self.acc[y:y + self.grid.tile_h, x:x + self.grid.tile_w] += tile_map
         self.weight[y:y + self.grid.tile_h, x:x + self.grid.tile_w] += 1.0
 
-    def result(self, frame_hw: tuple[int, int], scale: float) -> np.ndarray:
-        """The stitched map cropped to the scaled frame and resized back to the frame size."""
+    def result(self, frame_hw: tuple[int, int], scale: float, out_hw: tuple[int, int] | None = None) -> np.ndarray:
+        """The stitched map cropped to the scaled frame and resized to ``out_hw`` (default: the frame size)."""
         out = self.acc / np.maximum(self.weight, 1.0)
         sh, sw = int(round(frame_hw[0] * scale)), int(round(frame_hw[1] * scale))
         out = out[:sh, :sw]
-        if out.shape != tuple(frame_hw):
-            out = cv2.resize(out, (frame_hw[1], frame_hw[0]), interpolation=cv2.INTER_LINEAR)
+        oh, ow = out_hw or frame_hw
+        if out.shape != (oh, ow):
+            out = cv2.resize(out, (ow, oh), interpolation=cv2.INTER_LINEAR)
         return out
 
 

@@ -22,12 +22,25 @@ from engines.heads import build_head
 from engines.runtimes.base import Backend
 
 
+# Score maps of large frames are kept at most this long (side): a 50-megapixel frame would
+# otherwise cost a 200 MB float map plus labels per frame, for no better region than this gives.
+MAP_MAX_SIDE = 1024
+
+
 @dataclass
 class FrameScore:
-    map: np.ndarray                 # float32 anomaly map at the frame's size
+    map: np.ndarray                 # float32 anomaly map at the frame's aspect, at most map_max_side long
     score: float                    # image score: the map's maximum, or the head's own image score
+    frame_hw: tuple[int, int] = (0, 0)  # the frame's size; map pixels scale to it by frame_hw / map.shape
     timings_ms: dict[str, float] = field(default_factory=dict)
     head_score: bool = False        # True where the head gave an image-level score (SPADE, PatchCore)
+
+
+def map_size(frame_hw: tuple[int, int], max_side: int = MAP_MAX_SIDE) -> tuple[int, int]:
+    """The score-map size for a frame: the frame's own, or scaled down to ``max_side``."""
+    h, w = int(frame_hw[0]), int(frame_hw[1])
+    f = min(1.0, max_side / max(h, w))
+    return (h, w) if f >= 1.0 else (max(1, round(h * f)), max(1, round(w * f)))
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:
@@ -38,9 +51,11 @@ def gaussian_kernel(sigma: float) -> torch.Tensor:
 
 
 class Scorer:
-    def __init__(self, bundle: Bundle, backend: Backend, batch_size: int = 8, use_mask: bool = True) -> None:
+    def __init__(self, bundle: Bundle, backend: Backend, batch_size: int = 8, use_mask: bool = True,
+                 map_max_side: int = MAP_MAX_SIDE) -> None:
         m = bundle.manifest
         self.bundle, self.backend, self.batch_size = bundle, backend, batch_size
+        self.map_max_side = map_max_side
         self.device = backend.device
         self.input_hw = m.input_hw
         self.head = build_head(m.method, m.head, bundle.head_tensors()).to(self.device)
@@ -95,7 +110,7 @@ class Scorer:
         if self.mask is not None:
             for img, fs in zip(images, scored):
                 t = time.perf_counter()
-                fs.map = fs.map * self.mask.weights(img)
+                fs.map = fs.map * self.mask.weights(img, fs.map.shape)
                 fs.score = fs.score if fs.head_score else float(fs.map.max())
                 fs.timings_ms["mask"] = (time.perf_counter() - t) * 1000.0
         return scored
@@ -115,9 +130,10 @@ class Scorer:
         t.lap("download")
         out = []
         for i, (img, m) in enumerate(zip(images, maps)):
-            full = cv2.resize(m, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_LINEAR)
+            mh, mw = map_size(img.shape[:2], self.map_max_side)
+            full = cv2.resize(m, (mw, mh), interpolation=cv2.INTER_LINEAR)
             score = float(m.max()) if head_scores is None else float(head_scores[i])
-            out.append(FrameScore(full, score, {}, head_scores is not None))
+            out.append(FrameScore(full, score, img.shape[:2], {}, head_scores is not None))
         t.lap("stitch")
         per = {k: v / len(images) for k, v in timings.items()}
         for fs in out:
@@ -146,11 +162,11 @@ class Scorer:
             for i, m in zip(idx, maps):
                 stitcher.add(i, m)
             t.lap("stitch")
-        full = stitcher.result(frame_hw, self.tiling.scale)
+        full = stitcher.result(frame_hw, self.tiling.scale, map_size(frame_hw, self.map_max_side))
         t.lap("stitch")
         if head_score is None:
-            return FrameScore(full, float(full.max()), timings)
-        return FrameScore(full, head_score, timings, True)
+            return FrameScore(full, float(full.max()), frame_hw, timings)
+        return FrameScore(full, head_score, frame_hw, timings, True)
 
 
     @torch.inference_mode()
@@ -177,9 +193,9 @@ class Scorer:
         stitcher = Stitcher(grid)
         for i, m in enumerate(maps):
             stitcher.add(i, m)
-        full = stitcher.result(frame_hw, self.tiling.scale)
+        full = stitcher.result(frame_hw, self.tiling.scale, map_size(frame_hw, self.map_max_side))
         t.lap("stitch")
-        return FrameScore(full, float(full.max()), timings)
+        return FrameScore(full, float(full.max()), frame_hw, timings)
 
 
 def _blur(x: torch.Tensor, kernel: torch.Tensor) -> torch.Tensor:

@@ -56,8 +56,14 @@ def synthetic(count: int, fps: float = 0.0) -> dict:
 
 
 def spooled(tmp_path: Path) -> int:
-    with sqlite3.connect(tmp_path / "spool.sqlite") as db:
-        return db.execute("select count(*) from spool where kind = 'verdict'").fetchone()[0]
+    """Verdicts waiting in the agent's spool; 0 until the agent has made the file and its table."""
+    if not (tmp_path / "spool.sqlite").exists():
+        return 0
+    try:
+        with sqlite3.connect(tmp_path / "spool.sqlite") as db:
+            return db.execute("select count(*) from spool where kind = 'verdict'").fetchone()[0]
+    except sqlite3.OperationalError:  # the file exists before its table does
+        return 0
 
 
 def test_n_frames_give_n_valid_verdicts_and_correlated_heatmaps(mosquitto, subscribers, padim_bundle,
@@ -130,7 +136,7 @@ def test_killed_agent_delivers_its_spool_after_restart(mosquitto, subscribers, p
     mosquitto.stop()
     proc = start_agent(write_config(tmp_path, mosquitto, padim_bundle.path, synthetic(0, fps=20)))
     deadline = time.monotonic() + WAIT_S
-    while time.monotonic() < deadline and (not (tmp_path / "spool.sqlite").exists() or spooled(tmp_path) < n):
+    while time.monotonic() < deadline and spooled(tmp_path) < n:
         time.sleep(0.1)
     proc.kill()  # SIGKILL: no clean stop, the spool is all that is left
     proc.wait()
