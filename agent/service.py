@@ -23,6 +23,7 @@ the configuration is read at start, so a change takes a restart.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import signal
@@ -197,7 +198,7 @@ class Service:
             log.info("%d frame(s) read ahead by the source were not taken", len(queued))
         final = self.health_report()
         self.publisher.publish_health(final)
-        log.info("health: %s", final)
+        log.info("health: %s", json.dumps(final, separators=(",", ":")))
         flushed = self.publisher.stop(max(0.5, deadline - time.monotonic()))
         self.spool.close()
         log.info("stopped after %d frames (%d ok, %d ng, %d error, %d not inspected); spool %s",
