@@ -1,8 +1,25 @@
 """Frame sources: each runs in its own thread and hands Frames to the pipeline through a bounded queue.
 
-Kinds: ``folder`` (image files, once or watching for new ones), ``video`` (a file, ends at EOF),
+Kinds: ``folder`` (image files, read once or watched for new ones), ``video`` (a file),
 ``camera`` (V4L2 index), ``stream`` (RTSP/HTTP through FFmpeg) and ``synthetic`` (generated
 parts with their true defect masks, for demos and tests).
+
+Live and batch sources:
+
+- Live (camera, stream, a watched folder, synthetic with ``count: 0``): never finishes until
+  ``stop()``. Whatever else ends its producer (an exception, a bug) is logged, with the
+  traceback once per episode and one line for each repeat, counted in ``stats.failures``, and
+  the producer is restarted after a backoff (``reconnect_min_s`` doubling up to
+  ``reconnect_max_s``). An episode ends when a frame comes through again. Within the producer,
+  a lost camera or stream is reopened with the same backoff and counted in ``stats.reconnects``.
+- Batch (a folder without watch, a video, synthetic with ``count > 0``): finishes at its end.
+  When it ends early instead, because its producer raised or the video would not open,
+  ``failure`` says why: the batch was not read to its end, and the service exits non-zero.
+
+Every frame taken gives exactly one Frame. A file that cannot be read or decoded (see
+agent/decode.py: empty, corrupt, truncated, unsupported, a decompression bomb) and a frame of
+more than ``max_pixels`` pixels from any source become a Frame with ``image=None`` and
+``error`` naming the file or source and the reason.
 
 Two delivery modes:
 
@@ -11,36 +28,53 @@ Two delivery modes:
 - ``free``: a free-running camera or stream. Only the newest frame is kept: a backlog would
   be stale, so an unconsumed frame is replaced by the next one and counted in ``stats.dropped``.
 
+After ``stop()``, ``take_queued()`` hands over the frames still queued, for the service to drain.
+
 Frame ids are stable and unique:
 
-- folder: the file stem (``part_0012.png`` -> ``part_0012``); a stem seen before from this
+- folder, batch: the file stem (``part_0012.png`` -> ``part_0012``); a stem seen before from this
   source gets ``-2``, ``-3``... appended.
+- folder, watch: ``{stem}-{h}``, h being the hex blake2s digest (4 bytes, 8 digits) of
+  ``"{size}:{mtime_ns}:{inode}"``. The same file read again after a restart keeps its id; a
+  name reused for new content gets a new one.
 - everything else: ``{source name}-{BOOT_ID}-{seq:08d}``, e.g. ``camera0-20250101T120000a3f2-00000042``.
   BOOT_ID is fixed per process (UTC start time plus 4 random hex digits), so ids stay unique
   across restarts while ``seq`` counts from 0 for each source. Dropped frames leave gaps in seq.
 
-A lost camera or stream is reopened with exponential backoff (``reconnect_min_s`` doubling up
-to ``reconnect_max_s``); the thread logs it, counts it and keeps running. A file that cannot
-be read becomes a Frame with ``image=None`` and ``error`` naming the path.
+A watched folder takes a file once it is complete: when its size and mtime have held still for
+``settle_s`` (0: at first sight, for writers that write elsewhere and rename complete files into
+the folder). A file is known by (size, mtime_ns, inode), so a rewritten or replaced file is
+taken again as a new frame. The source remembers only files of the latest listing: a file that
+leaves the folder and comes back is read again, with the same id. Symlink loops, dangling
+links, directories and other non-files whose names match are skipped, with one log line per
+path while it stays, and counted in ``stats.skipped``. A folder that cannot be listed (removed,
+unreadable) is logged once per episode, counted in ``stats.errors`` at each try and listed
+again every ``poll_s``; the source goes on when it is back.
 """
 from __future__ import annotations
 
 import dataclasses
+import errno
+import fnmatch
+import hashlib
 import logging
+import os
 import queue
 import re
 import secrets
+import stat
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import cv2
 import numpy as np
 from pydantic import Field, model_validator
 
+from agent.decode import FrameError, oversize, read_image
 from agent.frames import Frame
 from calibration.data import IMAGE_SUFFIXES
 from calibration.synthetic import DEFECT_KINDS, synthetic_part
@@ -63,15 +97,18 @@ class SourceConfig(Settings):
     kind: Literal["folder", "video", "camera", "stream", "synthetic"] = Field(
         "synthetic", description="folder | video | camera | stream | synthetic")
     path: ConfigPath | None = Field(None, description="folder of images, or a video file")
-    watch: bool = Field(False, description="folder: keep watching for new files (each file once)")
-    pattern: str | None = Field(None, description="folder: file-name glob; null = image files")
+    watch: bool = Field(False, description="folder: keep watching for new files (each version of a file once)")
+    pattern: str | None = Field(None, description="folder: file-name glob (fnmatch, case-sensitive); "
+                                                  "null = image files by suffix")
     poll_s: float = Field(0.5, gt=0.0, description="folder watch: rescan interval, seconds")
     settle_s: float = Field(1.0, ge=0.0, description="folder watch: a file is taken once its size and mtime "
                                                      "held still this long; 0 = at first sight (writers that "
                                                      "rename complete files into the folder)")
     max_pixels: int = Field(50_000_000, ge=1024, description="largest frame accepted (width x height, read "
                                                              "from the file header before decoding); larger "
-                                                             "frames give an error verdict")
+                                                             "frames give an error verdict. Image files are "
+                                                             "also held to Pillow's decompression-bomb limit "
+                                                             "(about 179 M pixels)")
     index: int = Field(0, ge=0, description="camera: V4L2 index (/dev/videoN)")
     url: str = Field("", description="stream: rtsp://... or http://... (FFmpeg; PyPI OpenCV has no GStreamer)")
     open_timeout_s: float = Field(5.0, gt=0.0, description="camera/stream open timeout")
@@ -106,20 +143,25 @@ class SourceStats:
     frames: int = 0        # frames captured (error frames included, dropped ones too)
     dropped: int = 0       # free mode: frames replaced before the consumer took them
     reconnects: int = 0    # times a lost camera/stream connection was re-established
-    errors: int = 0        # unreadable files, failed opens and failed reads
+    errors: int = 0        # error frames, failed opens and reads, failed folder listings
+    failures: int = 0      # producer failures: each restart of a live source, a batch ended by an exception
+    skipped: int = 0       # folder: paths that match but are no file to read (loops, dangling links, folders)
     connected: bool = False
 
 
 class FrameSource:
     """Base: a producer thread, a bounded queue and the delivery mode.
 
-    Subclasses implement ``_produce``, which captures frames and hands each to ``_emit``
-    until ``_stopping`` is set or the source is exhausted.
+    Subclasses implement ``_produce``, which captures frames and hands each to ``_emit`` until
+    ``_stopping`` is set or, for a batch source, the batch is exhausted. A live source's
+    ``_produce`` runs under a supervisor that restarts it whenever it ends before ``stop()``.
     """
 
-    def __init__(self, cfg: SourceConfig, name: str) -> None:
+    def __init__(self, cfg: SourceConfig, name: str, live: bool) -> None:
         self.cfg = cfg
         self.name = name
+        self.live = live
+        self.failure: str | None = None  # why a batch source ended before its end
         self._queue: queue.Queue[Frame] = queue.Queue(maxsize=cfg.queue_size if cfg.mode == "triggered" else 1)
         self._stopping = threading.Event()
         self._exhausted = threading.Event()
@@ -127,7 +169,6 @@ class FrameSource:
         self._stats = SourceStats()
         self._seq = 0
         self._paced_from = 0.0
-        self.failure: str | None = None   # why a batch source ended before its end
 
     def start(self) -> None:
         if self._thread is not None:
@@ -147,7 +188,7 @@ class FrameSource:
                     return None
 
     def stop(self, timeout: float | None = None) -> None:
-        """Stop capturing; frames already queued can still be taken with ``get``."""
+        """Stop capturing; frames already queued can still be taken with ``get`` or ``take_queued``."""
         self._stopping.set()
         if self._thread is not None:
             self._thread.join(timeout if timeout is not None else self._stop_timeout())
@@ -155,13 +196,13 @@ class FrameSource:
                 log.warning("source %s: capture thread did not stop in time", self.name)
 
     def take_queued(self) -> list[Frame]:
-        """The frames still queued (after ``stop``), without waiting."""
-        out = []
+        """The frames queued now, oldest first, without waiting: after ``stop()``, what is left to drain."""
+        frames = []
         while True:
             try:
-                out.append(self._queue.get_nowait())
+                frames.append(self._queue.get_nowait())
             except queue.Empty:
-                return out
+                return frames
 
     @property
     def finished(self) -> bool:
@@ -182,19 +223,58 @@ class FrameSource:
 
     def _run(self) -> None:
         try:
-            self._produce()
-        except Exception:
-            # A bug, not a capture problem (those are handled where they happen): log it loudly.
-            self._stats.errors += 1
-            log.exception("source %s: capture thread failed", self.name)
+            if self.live:
+                self._supervise()
+            else:
+                self._run_batch()
         finally:
             self._stats.connected = False
             self._exhausted.set()
+
+    def _run_batch(self) -> None:
+        try:
+            self._produce()
+        except Exception as e:
+            self._stats.failures += 1
+            self.failure = f"capture failed: {type(e).__name__}: {e}"
+            log.exception("source %s: capture failed; the batch ends unfinished", self.name)
+
+    def _supervise(self) -> None:
+        """Run the producer until ``stop()``, restarting it with backoff whenever it ends before."""
+        backoff = self.cfg.reconnect_min_s
+        frames_at_last_failure: int | None = None
+        while not self._stopping.is_set():
+            error: Exception | None = None
+            try:
+                self._produce()
+            except Exception as e:
+                error = e
+            if error is None and self._stopping.is_set():
+                return
+            # A new episode: the first failure, or the first since a frame came through again.
+            new_episode = frames_at_last_failure is None or self._stats.frames > frames_at_last_failure
+            if new_episode:
+                backoff = self.cfg.reconnect_min_s
+            self._stats.failures += 1
+            frames_at_last_failure = self._stats.frames
+            what = "ended, but the source is live" if error is None else f"failed: {type(error).__name__}: {error}"
+            log.error("source %s: capture %s; restarting in %.2f s", self.name, what, backoff,
+                      exc_info=error if new_episode else None)
+            self._stopping.wait(backoff)
+            backoff = min(backoff * 2, self.cfg.reconnect_max_s)
 
     def _next_id(self) -> tuple[str, int]:
         seq = self._seq
         self._seq += 1
         return f"{self.name}-{BOOT_ID}-{seq:08d}", seq
+
+    def _captured(self, img: np.ndarray, where: str, meta: dict[str, Any]) -> Frame:
+        """The Frame for a captured image; over ``max_pixels`` it is an error frame saying so."""
+        frame_id, seq = self._next_id()
+        too_large = oversize(img.shape[1], img.shape[0], self.cfg.max_pixels)
+        if too_large is not None:
+            return Frame(frame_id, seq, self.name, None, meta=meta, error=f"{where}: frame is {too_large}")
+        return Frame(frame_id, seq, self.name, self._image(img), meta=meta)
 
     def _emit(self, frame: Frame) -> bool:
         """Queue ``frame`` by the delivery mode; False if the source is stopping."""
@@ -242,79 +322,120 @@ class FrameSource:
         return img
 
 
+# A watched file's version: (size, mtime_ns, inode).
+_Version = tuple[int, int, int]
+
+
 class FolderSource(FrameSource):
-    """Image files in a folder, in name order. Batch mode ends after the last file; watch
-    mode then keeps polling and reads each new file once, when it has stopped changing."""
+    """Image files in a folder, in name order. Batch mode ends after the last file; watch mode
+    keeps listing the folder and reads each version of a file once, when it has stopped changing."""
 
     def __init__(self, cfg: SourceConfig) -> None:
         if cfg.path is None or not Path(cfg.path).is_dir():
             raise SourceError(f"source.path: not a folder: {cfg.path}")
-        super().__init__(cfg, name=f"folder-{Path(cfg.path).name}")
+        super().__init__(cfg, name=f"folder-{Path(cfg.path).name}", live=cfg.watch)
         self.folder = Path(cfg.path)
-        self._seen: set[Path] = set()
-        self._ids: set[str] = set()
+        self._ids: set[str] = set()                            # batch: ids given, for -2, -3
+        self._taken: dict[Path, _Version] = {}                 # watch: the version read of each file
+        self._pending: dict[Path, tuple[_Version, float]] = {}  # watch: a version and since when it held still
+        self._skipping: set[Path] = set()                      # paths skipped (and logged) in the last listing
+        self._unlisted = False                                 # watch: the folder could not be listed last time
 
     def _produce(self) -> None:
-        if not self.cfg.watch:
-            for path in self._listing():
-                if not (self._pace() and self._emit(self._read(path))):
-                    return
-            return
-        pending: dict[Path, tuple[int, int]] = {}
+        if self.cfg.watch:
+            self._watch()
+        else:
+            self._read_all()
+
+    def _read_all(self) -> None:
+        for path in self._files():
+            if not (self._pace() and self._emit(self._read(path, self._batch_id(path.stem)))):
+                return
+
+    def _watch(self) -> None:
         while not self._stopping.is_set():
-            try:
-                listing = self._listing()
-            except OSError as e:
-                self._stats.errors += 1
-                log.warning("source %s: cannot list %s: %s", self.name, self.folder, e)
-                listing = []
-            for path in listing:
-                if path in self._seen:
-                    continue
-                # Read only once size and mtime held still for a poll: the writer is done.
-                signature = self._signature(path)
-                if signature is None or pending.get(path) != signature:
-                    if signature is not None:
-                        pending[path] = signature
-                    continue
-                del pending[path]
-                if not (self._pace() and self._emit(self._read(path))):
+            for path, version in self._poll().items():
+                if self._settled(path, version) and not self._take(path, version):
                     return
             self._stopping.wait(self.cfg.poll_s)
 
-    def _listing(self) -> list[Path]:
-        if self.cfg.pattern is not None:
-            paths = self.folder.glob(self.cfg.pattern)
-        else:
-            paths = (p for p in self.folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        return sorted(p for p in paths if p.is_file())
-
-    @staticmethod
-    def _signature(path: Path) -> tuple[int, int] | None:
+    def _poll(self) -> dict[Path, _Version]:
+        """The files listed now with their version; none while the folder cannot be listed."""
         try:
-            st = path.stat()
-        except OSError:
-            return None  # gone again (renamed, deleted); a new name shows up in the next listing
-        return st.st_size, st.st_mtime_ns
+            files = self._files()
+        except OSError as e:
+            self._stats.errors += 1
+            if not self._unlisted:
+                log.warning("source %s: cannot list %s (%s); trying again every %.2f s",
+                            self.name, self.folder, e.strerror or e, self.cfg.poll_s)
+            self._unlisted = True
+            return {}
+        if self._unlisted:
+            log.info("source %s: %s can be listed again", self.name, self.folder)
+            self._unlisted = False
+        # Remember only what is still there: the memory stays as small as the folder.
+        self._taken = {p: v for p, v in self._taken.items() if p in files}
+        self._pending = {p: held for p, held in self._pending.items() if p in files}
+        return {path: (st.st_size, st.st_mtime_ns, st.st_ino) for path, st in files.items()}
 
-    def _read(self, path: Path) -> Frame:
-        self._seen.add(path)
-        frame_id, seq = self._file_id(path.stem), self._seq
+    def _settled(self, path: Path, version: _Version) -> bool:
+        """Whether this version is not read yet and has held still for ``settle_s``."""
+        if self._taken.get(path) == version:
+            return False
+        now = time.monotonic()
+        held = self._pending.get(path)
+        if held is None or held[0] != version:
+            self._pending[path] = (version, now)
+            return self.cfg.settle_s == 0
+        return now - held[1] >= self.cfg.settle_s
+
+    def _take(self, path: Path, version: _Version) -> bool:
+        """Read and emit one settled version; False if the source is stopping."""
+        self._taken[path] = version
+        del self._pending[path]
+        return self._pace() and self._emit(self._read(path, _watch_id(path.stem, version)))
+
+    def _files(self) -> dict[Path, os.stat_result]:
+        """The regular files whose names match, in name order; raises OSError if the folder cannot be listed."""
+        files: dict[Path, os.stat_result] = {}
+        skipped: dict[Path, str] = {}
+        with os.scandir(self.folder) as entries:
+            names = sorted(entry.name for entry in entries if self._matches(entry.name))
+        for name in names:
+            path = self.folder / name
+            st_or_why = _regular_file(path)
+            if isinstance(st_or_why, str):
+                skipped[path] = st_or_why
+            elif st_or_why is not None:
+                files[path] = st_or_why
+        self._note_skipped(skipped)
+        return files
+
+    def _note_skipped(self, skipped: dict[Path, str]) -> None:
+        """Log and count each skipped path once while it stays: a watch lists it at every poll."""
+        for path, why in skipped.items():
+            if path not in self._skipping:
+                self._stats.skipped += 1
+                log.warning("source %s: skipping %s: %s", self.name, path, why)
+        self._skipping = set(skipped)
+
+    def _matches(self, name: str) -> bool:
+        if self.cfg.pattern is not None:
+            return fnmatch.fnmatchcase(name, self.cfg.pattern)
+        return Path(name).suffix.lower() in IMAGE_SUFFIXES
+
+    def _read(self, path: Path, frame_id: str) -> Frame:
+        seq = self._seq
         self._seq += 1
         meta = {"path": str(path)}
         try:
-            data = np.fromfile(path, np.uint8)
-        except OSError as e:
-            return Frame(frame_id, seq, self.name, None, meta=meta, error=f"{path}: cannot read file: {e}")
-        flags = cv2.IMREAD_GRAYSCALE if self.cfg.grey else cv2.IMREAD_COLOR
-        img = cv2.imdecode(data, flags) if data.size else None
-        if img is None:
-            log.warning("source %s: cannot decode %s", self.name, path)
-            return Frame(frame_id, seq, self.name, None, meta=meta,
-                         error=f"{path}: cannot decode image (corrupt, empty or unsupported format)")
-        return Frame(frame_id, seq, self.name, self._image(img), meta=meta)
+            return Frame(frame_id, seq, self.name, read_image(path, self.cfg.max_pixels, self.cfg.grey), meta=meta)
+        except Exception as e:  # whatever one file does ends as its own error frame, never the thread's end
+            error = str(e) if isinstance(e, FrameError) else f"{path}: cannot read ({type(e).__name__}: {e})"
+        log.warning("source %s: %s", self.name, error)
+        return Frame(frame_id, seq, self.name, None, meta=meta, error=error)
 
-    def _file_id(self, stem: str) -> str:
+    def _batch_id(self, stem: str) -> str:
         frame_id, n = stem, 1
         while frame_id in self._ids:
             n += 1
@@ -323,22 +444,45 @@ class FolderSource(FrameSource):
         return frame_id
 
 
+def _watch_id(stem: str, version: _Version) -> str:
+    """``{stem}-{h}``: the same for the same file in every run, new when the name holds new content."""
+    size, mtime_ns, inode = version
+    h = hashlib.blake2s(f"{size}:{mtime_ns}:{inode}".encode(), digest_size=4).hexdigest()
+    return f"{stem}-{h}"
+
+
+def _regular_file(path: Path) -> os.stat_result | str | None:
+    """The stat of a regular file (links followed); else why it is skipped, or None if it is gone."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        # Gone since the listing (renamed, deleted) unless the link itself is still there.
+        return "dangling symbolic link" if path.is_symlink() else None
+    except OSError as e:
+        return "symbolic link loop" if e.errno == errno.ELOOP else f"cannot stat ({e.strerror or e})"
+    if stat.S_ISREG(st.st_mode):
+        return st
+    # A FIFO or device would block the read or never end: only regular files are read.
+    return "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+
+
 class VideoSource(FrameSource):
-    """A video file, frame by frame; ends at EOF. A file that will not open gives one error frame."""
+    """A video file, frame by frame; ends at EOF. A file that will not open gives one error frame
+    and sets ``failure``."""
 
     def __init__(self, cfg: SourceConfig) -> None:
         if cfg.path is None or not Path(cfg.path).is_file():
             raise SourceError(f"source.path: video file not found: {cfg.path}")
-        super().__init__(cfg, name=f"video-{Path(cfg.path).stem}")
+        super().__init__(cfg, name=f"video-{Path(cfg.path).stem}", live=False)
         self.path = Path(cfg.path)
 
     def _produce(self) -> None:
         cap = cv2.VideoCapture(str(self.path))
         try:
             if not cap.isOpened():
+                self.failure = f"{self.path}: cannot open video (corrupt or unsupported codec)"
                 frame_id, seq = self._next_id()
-                self._emit(Frame(frame_id, seq, self.name, None, meta={"path": str(self.path)},
-                                 error=f"{self.path}: cannot open video (corrupt or unsupported codec)"))
+                self._emit(Frame(frame_id, seq, self.name, None, meta={"path": str(self.path)}, error=self.failure))
                 return
             self._stats.connected = True
             while self._pace():
@@ -346,16 +490,18 @@ class VideoSource(FrameSource):
                 ok, img = cap.read()
                 if not ok or img is None:
                     return  # EOF
-                frame_id, seq = self._next_id()
-                if not self._emit(Frame(frame_id, seq, self.name, self._image(img),
-                                        meta={"path": str(self.path), "pos": pos})):
+                frame = self._captured(img, f"{self.path} frame {pos}", {"path": str(self.path), "pos": pos})
+                if not self._emit(frame):
                     return
         finally:
             cap.release()
 
 
-class LiveSource(FrameSource):
+class CaptureSource(FrameSource):
     """A device or stream that can go away: open, read until it fails, reopen with backoff."""
+
+    def __init__(self, cfg: SourceConfig, name: str) -> None:
+        super().__init__(cfg, name, live=True)
 
     def _open(self) -> cv2.VideoCapture:
         raise NotImplementedError
@@ -405,12 +551,11 @@ class LiveSource(FrameSource):
                     self._stats.errors += 1
                     log.warning("source %s: connection lost (read failed)", self.name)
                 return
-            frame_id, seq = self._next_id()
-            if not self._emit(Frame(frame_id, seq, self.name, self._image(img))):
+            if not self._emit(self._captured(img, self.name, {})):
                 return
 
 
-class CameraSource(LiveSource):
+class CameraSource(CaptureSource):
     """A V4L2 camera by index (/dev/video<index>)."""
 
     def __init__(self, cfg: SourceConfig) -> None:
@@ -420,7 +565,7 @@ class CameraSource(LiveSource):
         return cv2.VideoCapture(self.cfg.index, cv2.CAP_V4L2)
 
 
-class StreamSource(LiveSource):
+class StreamSource(CaptureSource):
     """An RTSP/HTTP/... stream through OpenCV's FFmpeg backend, with open and read timeouts.
 
     A GStreamer pipeline (text with `` ! `` in it) needs an OpenCV built with GStreamer; the
@@ -455,10 +600,10 @@ class StreamSource(LiveSource):
 
 class SyntheticSource(FrameSource):
     """Generated parts (calibration/synthetic.py); meta['mask'] holds the true defect mask and
-    meta['defect'] its kind (None for a good part)."""
+    meta['defect'] its kind (None for a good part). Live when ``count`` is 0 (endless)."""
 
     def __init__(self, cfg: SourceConfig) -> None:
-        super().__init__(cfg, name="synthetic")
+        super().__init__(cfg, name="synthetic", live=cfg.count == 0)
         self._rng = np.random.default_rng(cfg.seed)
 
     def _produce(self) -> None:
@@ -469,9 +614,7 @@ class SyntheticSource(FrameSource):
             if self._rng.random() < self.cfg.defect_rate:
                 defect = DEFECT_KINDS[self._rng.integers(len(DEFECT_KINDS))]
             img, mask = synthetic_part(self._rng, size, defect)
-            frame_id, seq = self._next_id()
-            if not self._emit(Frame(frame_id, seq, self.name, self._image(img),
-                                    meta={"mask": mask, "defect": defect})):
+            if not self._emit(self._captured(img, self.name, {"mask": mask, "defect": defect})):
                 return
 
 

@@ -1,6 +1,8 @@
 """Frame sources through real OpenCV: files, a video, an HTTP MJPEG stream, a missing camera."""
 from __future__ import annotations
 
+import logging
+import re
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -11,8 +13,10 @@ import numpy as np
 import pytest
 
 from agent.frames import Frame
-from agent.sources import (BOOT_ID, SourceConfig, SourceError, gstreamer_available, open_source)
+from agent.sources import (BOOT_ID, SourceConfig, SourceError, SyntheticSource, gstreamer_available,
+                           open_source)
 from calibration.synthetic import DEFECT_KINDS
+from test_decode import png_header_only
 
 
 def _level_image(level: int, shape: tuple[int, int] = (48, 64)) -> np.ndarray:
@@ -53,6 +57,7 @@ def test_folder_batch_gives_every_file_in_name_order_then_finishes(tmp_path):
     assert all(f.image.shape == (48, 64, 3) and f.error is None for f in frames)
     assert frames[0].meta["path"] == str(tmp_path / "p_01.png")
     assert source.stats.frames == 4 and source.stats.errors == 0
+    assert source.failure is None  # read to its end
 
 
 def test_folder_reads_grey_when_asked_and_keeps_colour_by_default(tmp_path):
@@ -108,16 +113,62 @@ def test_watch_mode_picks_up_files_written_after_start_once_each(tmp_path):
     source.start()
     try:
         first = source.get(timeout=5)
-        assert first is not None and first.id == "first"
+        assert first is not None and re.fullmatch(r"first-[0-9a-f]{8}", first.id)
         assert source.get(timeout=0.3) is None  # nothing new: nothing read twice
         cv2.imwrite(str(tmp_path / "second.png"), _level_image(90))
         second = source.get(timeout=5)
-        assert second is not None and second.id == "second" and int(second.image.mean()) == 90
+        assert second is not None and second.id.startswith("second-") and int(second.image.mean()) == 90
         assert source.get(timeout=0.3) is None
         assert not source.finished  # watching goes on
     finally:
         source.stop()
     assert source.finished
+
+
+def _bad_and_odd_files(folder: Path) -> dict[str, str | None]:
+    """Write one file of each kind; name -> the reason its frame gives, None for a decoded image."""
+    colour = _level_image(90)
+    files = {
+        "a_bomb.png": (png_header_only(100_000, 100_000), "decompression bomb"),
+        "b_cut.jpg": (cv2.imencode(".jpg", colour)[1].tobytes()[:300], "corrupt or truncated"),
+        "c_empty.png": (b"", "empty file"),
+        "d_text.png": (b"a text file, not an image\n", "unsupported format or corrupt header"),
+        "e_deep.png": (cv2.imencode(".png", np.full((48, 64, 3), 90 * 257, np.uint16))[1].tobytes(), None),
+        "f_grey.bmp": (cv2.imencode(".bmp", np.full((48, 64), 90, np.uint8))[1].tobytes(), None),
+        "g_page.tiff": (cv2.imencode(".tiff", colour)[1].tobytes(), None),
+        "h_web.webp": (cv2.imencode(".webp", colour)[1].tobytes(), None),
+        "i_anim.gif": (cv2.imencode(".gif", colour)[1].tobytes(), None),
+        "j_last.png": (cv2.imencode(".png", colour)[1].tobytes(), None),
+    }
+    for name, (data, _) in files.items():
+        (folder / name).write_bytes(data)
+    return {name: reason for name, (_, reason) in files.items()}
+
+
+@pytest.mark.parametrize("watch", [False, True])
+def test_every_bad_or_odd_file_gives_exactly_one_frame_and_the_stream_goes_on(tmp_path, watch):
+    expected = _bad_and_odd_files(tmp_path)
+    source = open_source(SourceConfig(kind="folder", path=tmp_path, pattern="*", watch=watch, poll_s=0.05,
+                                      settle_s=0))
+    source.start()
+    try:
+        frames = [source.get(timeout=10) for _ in expected]
+        assert source.get(timeout=0.3) is None  # one frame per file, no more
+        if watch:
+            assert not source.finished  # a watched folder goes on
+        else:
+            _wait_for(lambda: source.finished)
+    finally:
+        source.stop()
+    assert [Path(f.meta["path"]).name for f in frames] == list(expected)
+    for frame, (name, reason) in zip(frames, expected.items()):
+        if reason is None:
+            assert frame.error is None and frame.image.shape == (48, 64, 3) and frame.image.dtype == np.uint8
+            assert abs(int(frame.image.mean()) - 90) < 8, name
+        else:
+            assert frame.image is None and frame.error.startswith(f"{tmp_path / name}: ") and reason in frame.error
+    stats = source.stats
+    assert stats.frames == 10 and stats.errors == 4 and stats.failures == 0 and source.failure is None
 
 
 def test_missing_folder_is_refused_naming_the_path(tmp_path):
@@ -127,31 +178,48 @@ def test_missing_folder_is_refused_naming_the_path(tmp_path):
 
 # -- video file ----------------------------------------------------------------------------
 
-def test_video_file_gives_every_frame_then_finishes(tmp_path):
-    path = tmp_path / "clip.avi"
+def _write_video(path: Path, levels: list[int]) -> None:
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 10, (64, 48))
     assert writer.isOpened()
-    levels = [20 * i + 10 for i in range(12)]
     for level in levels:
         writer.write(_level_image(level))
     writer.release()
 
+
+def test_video_file_gives_every_frame_then_finishes(tmp_path):
+    path = tmp_path / "clip.avi"
+    levels = [20 * i + 10 for i in range(12)]
+    _write_video(path, levels)
     source = open_source(SourceConfig(kind="video", path=path))
     source.start()
     frames = _drain(source)
+    assert source.failure is None
     assert [f.seq for f in frames] == list(range(12))
     assert [f.meta["pos"] for f in frames] == list(range(12))
     assert np.allclose([f.image.mean() for f in frames], levels, atol=4)  # JPEG is lossy
     assert all(f.id == f"video-clip-{BOOT_ID}-{f.seq:08d}" for f in frames)
 
 
-def test_unreadable_video_gives_an_error_frame_naming_it(tmp_path):
+def test_unreadable_video_gives_an_error_frame_naming_it_and_fails_the_batch(tmp_path):
     path = tmp_path / "broken.avi"
     path.write_bytes(b"RIFF not a video at all" * 20)
     source = open_source(SourceConfig(kind="video", path=path))
     source.start()
     (frame,) = _drain(source)
     assert frame.image is None and str(path) in frame.error
+    assert source.failure == frame.error
+
+
+def test_video_frames_over_max_pixels_become_error_frames(tmp_path):
+    path = tmp_path / "clip.avi"
+    _write_video(path, [50] * 5)
+    source = open_source(SourceConfig(kind="video", path=path, max_pixels=2048))
+    source.start()
+    frames = _drain(source)
+    assert [f.error for f in frames] == [f"{path} frame {i}: frame is 64 x 48 = 3072 pixels, more than "
+                                         f"source.max_pixels 2048" for i in range(5)]
+    assert all(f.image is None for f in frames)
+    assert source.stats.errors == 5 and source.failure is None
 
 
 # -- delivery modes ------------------------------------------------------------------------
@@ -197,6 +265,76 @@ def test_stop_releases_a_producer_blocked_on_a_full_queue():
     source.stop(timeout=5)
     assert source.get(timeout=1) is not None  # what was queued can still be taken
     _wait_for(lambda: source.finished, limit=5)
+
+
+def test_take_queued_hands_over_what_is_left_after_stop_without_waiting():
+    source = open_source(_synthetic(count=0, mode="triggered", queue_size=3))
+    source.start()
+    _wait_for(lambda: source.stats.frames >= 4)  # three queued, the fourth held at the full queue
+    source.stop(timeout=5)
+    assert [f.seq for f in source.take_queued()] == [0, 1, 2]
+    assert source.take_queued() == [] and source.finished
+
+
+# -- live and batch ------------------------------------------------------------------------
+
+class FaultySynthetic(SyntheticSource):
+    """Fault injection: the producer raises on its first three starts, then, on the fourth,
+    after three frames; from the fifth start on it runs."""
+
+    def __init__(self, cfg: SourceConfig) -> None:
+        super().__init__(cfg)
+        self.starts = 0
+
+    def _produce(self) -> None:
+        self.starts += 1
+        if self.starts <= 3:
+            raise RuntimeError(f"injected fault at start {self.starts}")
+        super()._produce()
+
+    def _pace(self) -> bool:  # called before each frame is captured
+        if self.starts == 4 and self._stats.frames == 3:
+            raise RuntimeError("injected fault after 3 frames")
+        return super()._pace()
+
+
+def test_a_live_source_whose_producer_raises_is_restarted_with_backoff_and_counted(caplog):
+    caplog.set_level(logging.INFO, logger="agent.sources")
+    source = FaultySynthetic(_synthetic(count=0, reconnect_min_s=0.01, reconnect_max_s=0.03))
+    assert source.live
+    source.start()
+    try:
+        seqs = [f.seq for f in (source.get(timeout=10) for _ in range(10))]
+        assert seqs == list(range(10))  # frames go on after every restart
+        assert not source.finished
+    finally:
+        source.stop()
+    failures = [r for r in caplog.records if "restarting in" in r.getMessage()]
+    assert source.stats.failures == len(failures) == 4
+    # Two episodes (a frame came through between them): a traceback at the start of each, then one
+    # line per repeat; the backoff doubles within an episode, up to its maximum, and starts over.
+    assert [r.exc_info is not None for r in failures] == [True, False, False, True]
+    assert [r.getMessage().split("restarting in ")[1] for r in failures] == ["0.01 s", "0.02 s", "0.03 s", "0.01 s"]
+    assert "injected fault after 3 frames" in failures[3].getMessage()
+    assert source.failure is None
+
+
+class BrokenBatch(SyntheticSource):
+    """Fault injection: the producer raises at the third frame."""
+
+    def _emit(self, frame: Frame) -> bool:
+        if frame.seq == 2:
+            raise RuntimeError("injected fault")
+        return super()._emit(frame)
+
+
+def test_a_batch_source_whose_producer_raises_ends_with_the_failure_set():
+    source = BrokenBatch(_synthetic(count=5))
+    assert not source.live
+    source.start()
+    assert [f.seq for f in _drain(source)] == [0, 1]
+    assert source.failure == "capture failed: RuntimeError: injected fault"
+    assert source.stats.failures == 1
 
 
 # -- synthetic -----------------------------------------------------------------------------
@@ -297,6 +435,21 @@ def test_stream_reconnects_after_the_server_goes_away_and_comes_back():
     finally:
         source.stop()
         server.stop()
+
+
+def test_stream_frames_over_max_pixels_become_error_frames():
+    server = MjpegServer()
+    server.start()
+    source = open_source(SourceConfig(kind="stream", url=server.url, max_pixels=2048, open_timeout_s=2,
+                                      read_timeout_s=2))
+    source.start()
+    try:
+        frame = source.get(timeout=10)
+    finally:
+        source.stop()
+        server.stop()
+    assert frame is not None and frame.image is None
+    assert frame.error == "stream: frame is 64 x 48 = 3072 pixels, more than source.max_pixels 2048"
 
 
 def test_gstreamer_pipeline_is_refused_with_an_explanation():
