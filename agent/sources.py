@@ -169,6 +169,7 @@ class FrameSource:
         self._stats = SourceStats()
         self._seq = 0
         self._paced_from = 0.0
+        self._unqueued: list[Frame] = []  # captured while stopping, with the queue full
 
     def start(self) -> None:
         if self._thread is not None:
@@ -196,13 +197,17 @@ class FrameSource:
                 log.warning("source %s: capture thread did not stop in time", self.name)
 
     def take_queued(self) -> list[Frame]:
-        """The frames queued now, oldest first, without waiting: after ``stop()``, what is left to drain."""
+        """The frames queued now, oldest first, without waiting: after ``stop()``, what is left to drain
+        (a frame the producer had captured but could not queue before the stop included)."""
         frames = []
         while True:
             try:
                 frames.append(self._queue.get_nowait())
             except queue.Empty:
-                return frames
+                break
+        frames += self._unqueued
+        self._unqueued = []
+        return frames
 
     @property
     def finished(self) -> bool:
@@ -298,6 +303,8 @@ class FrameSource:
                 return True
             except queue.Full:
                 continue
+        # Captured is captured (in triggered mode, a part passed the camera): keep it for the drain.
+        self._unqueued.append(frame)
         return False
 
     def _pace(self) -> bool:
