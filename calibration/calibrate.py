@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import random
 import shutil
 from pathlib import Path
@@ -16,7 +17,7 @@ from calibration.fit import get_fitter
 from calibration.images import TrainImages
 from calibration.thresholds import Normalizer, choose_threshold
 from engines.backbones import NORMALISATION
-from engines.bundle import Bundle, Manifest, load_bundle, write_manifest, write_tensors
+from engines.bundle import MANIFEST, Bundle, Manifest, load_bundle, write_manifest, write_tensors
 from engines.export import export_onnx
 from engines.network import build_network
 from engines.runtimes.torch_backend import TorchBackend, TorchBackendConfig
@@ -36,15 +37,42 @@ def split_train(paths: list[Path], holdout: float, seed: int) -> tuple[list[Path
 
 
 def calibrate(data: Path, out: Path, cfg: ModelConfig, progress: bool = True) -> Bundle:
-    if cfg.tiling.enabled and cfg.tiling.stats == "per_position" and cfg.method != "padim":
-        raise ValueError(f"model.tiling.stats: per_position is supported by method padim, not {cfg.method!r}; "
-                         "use shared")
-    if out.exists():
-        shutil.rmtree(out)
-    manifest = _write_bundle(data, out, cfg, progress)
+    """Fit on DATA/train/good and write the bundle to ``out``. The bundle is written beside ``out``
+    and swapped in once complete: a calibration that fails leaves the previous bundle as it was."""
+    _check_settings(cfg)
+    _check_replaceable(out)
+    partial = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(partial, ignore_errors=True)  # left by a killed run that had this process id
+    try:
+        manifest = _write_bundle(data, partial, cfg, progress)
+        _swap_in(partial, out)
+    except BaseException:
+        shutil.rmtree(partial, ignore_errors=True)
+        raise
     log.info("threshold %.4f (%s), model %s written to %s", manifest.threshold["threshold"],
              manifest.threshold["policy"], manifest.model_id, out)
     return Bundle(out, manifest)
+
+
+def _check_settings(cfg: ModelConfig) -> None:
+    """Settings that only fail late (after minutes of fitting) are refused first."""
+    if cfg.tiling.enabled and cfg.tiling.stats == "per_position" and cfg.method != "padim":
+        raise ValueError(f"model.tiling.stats: per_position is supported by method padim, not {cfg.method!r}; "
+                         "use shared")
+    if cfg.mask.kind == "features":
+        from agent.masks import _detector
+
+        _detector(cfg.mask.detector, cfg.mask.max_keypoints)
+
+
+def _check_replaceable(out: Path) -> None:
+    """``out`` is new, empty or a bundle: calibrate replaces a bundle, never anything else."""
+    if out.is_symlink():
+        raise ValueError(f"{out}: is a symbolic link; give calibrate --out the bundle directory itself")
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"{out}: exists and is not a directory; refusing to replace it with a bundle")
+    if out.is_dir() and not (out / MANIFEST).is_file() and any(out.iterdir()):
+        raise ValueError(f"{out}: not a model bundle (no {MANIFEST}) and not empty; refusing to delete it")
 
 
 def _write_bundle(data: Path, path: Path, cfg: ModelConfig, progress: bool) -> Manifest:
@@ -86,6 +114,21 @@ def _write_bundle(data: Path, path: Path, cfg: ModelConfig, progress: bool) -> M
     manifest.score_stats["holdout_good"] = _stats(good)
     write_manifest(path, manifest)
     return load_bundle(path).manifest  # complete only if it loads as the agent will load it
+
+
+def _swap_in(new: Path, out: Path) -> None:
+    """Rename ``new`` to ``out``; a bundle already at ``out`` is set aside first and deleted last."""
+    if not out.exists():
+        new.rename(out)
+        return
+    old = out.parent / f".{out.name}.old-{os.getpid()}"
+    out.rename(old)
+    try:
+        new.rename(out)
+    except BaseException:
+        old.rename(out)
+        raise
+    shutil.rmtree(old)
 
 
 def score_images(bundle: Bundle, images: list[np.ndarray], batch_size: int, progress: bool, desc: str) -> np.ndarray:

@@ -173,3 +173,67 @@ def test_loading_a_bundle_imports_no_torch(copy: Path) -> None:
     r = subprocess.run([sys.executable, "-c", code, str(copy)], capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == load_bundle(copy).manifest.model_id
+
+
+# --- calibrate --out --------------------------------------------------------------------------------
+
+def _leftovers(out: Path) -> list[Path]:
+    return sorted(out.parent.glob(f".{out.name}.*"))
+
+
+def test_calibrate_refuses_to_replace_what_is_not_a_bundle(sample_data: Path, tmp_path: Path) -> None:
+    from calibration.calibrate import calibrate
+
+    out = tmp_path / "photos"
+    out.mkdir()
+    (out / "holiday.jpg").write_bytes(b"keep me")
+    with pytest.raises(ValueError, match=r"photos: not a model bundle \(no manifest.json\) and not empty") as e:
+        calibrate(sample_data, out, small_model_config(), progress=False)
+    assert "\n" not in str(e.value)
+    assert _snapshot(out) == {"holiday.jpg": b"keep me"} and not _leftovers(out)
+
+
+def test_recalibration_replaces_the_bundle(copy: Path, sample_data: Path) -> None:
+    from calibration.calibrate import calibrate
+
+    before = load_bundle(copy).manifest
+    bundle = calibrate(sample_data, copy, small_model_config(), progress=False)
+    assert bundle.path == copy and load_bundle(copy).manifest.model_id == bundle.manifest.model_id
+    assert bundle.manifest.model_id != before.model_id  # another calibration, another time: another id
+    assert not _leftovers(copy)
+
+
+def test_an_unavailable_mask_detector_is_refused_and_keeps_the_bundle(copy: Path, sample_data: Path) -> None:
+    import cv2
+
+    from agent.masks import MaskConfig
+    from calibration.calibrate import calibrate
+
+    missing = [name for name, make in (("akaze", "AKAZE_create"), ("brisk", "BRISK_create")) if not hasattr(cv2, make)]
+    if not missing:
+        pytest.skip(f"OpenCV {cv2.__version__} has both AKAZE and BRISK")
+    before = _snapshot(copy)
+    cfg = small_model_config(mask=MaskConfig(kind="features", detector=missing[0]))
+    with pytest.raises(ValueError, match=f"mask.detector: '{missing[0]}' is not in this OpenCV build"):
+        calibrate(sample_data, copy, cfg, progress=False)
+    assert _snapshot(copy) == before and not _leftovers(copy)
+    load_bundle(copy)
+
+
+def test_a_calibration_failing_half_way_keeps_the_bundle(copy: Path, sample_data: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    import calibration.calibrate as cal
+
+    before = _snapshot(copy)
+    written: list[str] = []
+
+    def fail(*args: Any, **kwargs: Any) -> None:
+        written.extend(p.name for p in _leftovers(copy) for p in p.iterdir())
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(cal, "choose_threshold", fail)
+    with pytest.raises(RuntimeError, match="disk full"):
+        cal.calibrate(sample_data, copy, small_model_config(), progress=False)
+    assert {"network.safetensors", "head.safetensors", ONNX} <= set(written)  # it did fail half-way
+    assert _snapshot(copy) == before and not _leftovers(copy)
+    load_bundle(copy)
