@@ -189,6 +189,13 @@ def to_dict(cfg: Settings) -> dict[str, Any]:
 def _model_files(model: ModelConfig, serving: bool) -> None:
     if model.weights is not None and not Path(model.weights).is_file():
         raise SettingError("weights", f"file not found: {model.weights}")
+    if model.mask.kind == "features" and not serving:
+        from agent.masks import check_detector
+
+        try:
+            check_detector(model.mask.detector)
+        except ValueError as e:
+            raise SettingError("mask.detector", str(e).removeprefix("mask.detector: ")) from None
 
 
 def _mqtt_files(mqtt: MqttConfig, serving: bool) -> None:

@@ -293,6 +293,11 @@ def load_mask(section: dict[str, Any], bundle_dir: Path) -> ObjectMask:
     return FeatureMask(cfg, images, objects)
 
 
+def check_detector(name: str) -> None:
+    """Refuse (ValueError) a detector this OpenCV build lacks, before any work depends on it."""
+    _detector(name, 8)
+
+
 # --- helpers ----------------------------------------------------------------------------------
 
 def _detector(name: str, max_keypoints: int) -> tuple[Any, int]:

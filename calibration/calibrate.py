@@ -60,9 +60,9 @@ def _check_settings(cfg: ModelConfig) -> None:
         raise ValueError(f"model.tiling.stats: per_position is supported by method padim, not {cfg.method!r}; "
                          "use shared")
     if cfg.mask.kind == "features":
-        from agent.masks import _detector
+        from agent.masks import check_detector
 
-        _detector(cfg.mask.detector, cfg.mask.max_keypoints)
+        check_detector(cfg.mask.detector)
 
 
 def _check_replaceable(out: Path) -> None:
