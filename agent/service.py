@@ -190,21 +190,15 @@ class Service:
         """Stop capture, judge what was captured (drain) within the stop timeout, flush, close."""
         notify.stopping()
         deadline = time.monotonic() + self.cfg.agent.stop_timeout_s
-        self.source.stop(timeout=min(1.0, self.cfg.agent.stop_timeout_s / 4))
+        # A producer waiting on a full queue notices the stop within 0.1 s; one blocked in a camera
+        # read is not waited for: what it still captures is picked up below.
+        self.source.stop(timeout=1.0)
         queued = self.source.take_queued()
         if queued and drain:
             self._drain(queued, deadline - _FLUSH_SHARE * self.cfg.agent.stop_timeout_s)
         elif queued:
             log.info("%d frame(s) read ahead by the source were not taken", len(queued))
         final = self.health_report()
-        self.publisher.publish_health(final)
-        log.info("health: %s", json.dumps(final, separators=(",", ":")))
-        flushed = self.publisher.stop(max(0.5, deadline - time.monotonic()))
-        self.spool.close()
-        log.info("stopped after %d frames (%d ok, %d ng, %d error, %d not inspected); spool %s",
-                 self.health.frames, self.health.ok, self.health.ng, self.health.errors, self.unjudged,
-                 "empty" if flushed else "kept for next start")
-
     def _drain(self, queued: list[Frame], judge_until: float) -> None:
         """Captured frames are parts that passed the camera: inspect them while time allows, and
         give the rest an error verdict rather than silence."""
