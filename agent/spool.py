@@ -310,21 +310,27 @@ class Spool:
         hold a spool."""
         try:
             self.path.parent.mkdir(parents=True, exist_ok=True)
+            db = self._connect()
             try:
-                self._db = self._connect()
+                _check_is_spool(db)
             except sqlite3.DatabaseError as e:
                 if not _is_damage(e):
+                    db.close()
                     raise
-                self._move_aside(e)
-                self._db = self._connect()
+                self._move_aside(db, e)
+                db = self._connect()
+            self._prepare(db)
+            self._db = db
         except (sqlite3.Error, OSError) as e:
             raise OSError(f"spool {self.path}: cannot open: {e}") from e
 
     def _connect(self) -> sqlite3.Connection:
         # isolation_level=None: autocommit; writes use explicit transactions (_transaction).
-        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        return sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+
+    def _prepare(self, db: sqlite3.Connection) -> None:
+        """WAL mode, the table, the numbering and the totals; closes the connection on failure."""
         try:
-            _check_is_spool(db)
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute(_SCHEMA)
@@ -335,7 +341,6 @@ class Spool:
             db.close()
             raise
         self._totals = _Totals(int(count), int(nbytes))
-        return db
 
     def _continue_numbering(self, db: sqlite3.Connection) -> None:
         # A fresh file after a damaged one goes on from the last number this process gave
@@ -360,20 +365,25 @@ class Spool:
 
     def _replace_damaged(self, error: sqlite3.DatabaseError) -> None:
         waiting = self._totals.count
-        self._connection().close()
+        db = self._connection()
         self._db = None
         self._delivered.clear()
         self._totals = _Totals()
-        self._move_aside(error, waiting)
+        self._move_aside(db, error, waiting)
         self._open()
 
-    def _move_aside(self, error: BaseException, waiting: int | None = None) -> None:
+    def _move_aside(self, db: sqlite3.Connection, error: BaseException, waiting: int | None = None) -> None:
         stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         target = _free_name(self.path.with_name(f"{self.path.name}.damaged-{stamp}"))
-        for suffix in ("", "-wal", "-shm"):
-            source = Path(f"{self.path}{suffix}")
-            if source.exists():
-                source.rename(f"{target}{suffix}")
+        try:
+            for suffix in ("", "-wal", "-shm"):
+                source = Path(f"{self.path}{suffix}")
+                if source.exists():
+                    source.rename(f"{target}{suffix}")
+        finally:
+            # Closed only after the renames: closing first would let SQLite fold the -wal into
+            # the damaged file and delete it, and the -wal is part of what to look at.
+            db.close()
         self.quarantined += 1
         left = "" if waiting is None else f"; the {waiting} item(s) waiting in it are not delivered"
         log.warning("spool %s is damaged (%s): moved it aside to %s and started a fresh spool%s",
