@@ -11,9 +11,10 @@ not. One table, ``spool(seq, topic, payload, qos, retain, kind, created)``. Sequ
 never repeat within a process, not even in a fresh file that replaced a damaged one.
 
 Policy when full (``max_messages`` items or ``max_bytes`` of payload, whichever comes
-first): a write never blocks and never fails for lack of room. It makes room by dropping
-the oldest heatmaps first, then the oldest of everything else (verdicts), one at a time,
-until the spool fits again; the new item itself may be dropped if it alone is too large.
+first): a write never blocks and never fails for lack of room in the spool. It makes room
+by dropping the oldest heatmaps first, then the oldest of everything else (verdicts), one at
+a time, until the spool fits again; the new item itself may be dropped if it alone is too
+large.
 Every dropped item is counted in ``dropped`` (once its transaction has committed) and
 logged (once per overflow episode), so the loss is visible in the health payload.
 
@@ -24,7 +25,8 @@ Faults degrade, they do not crash:
   ``SpoolWriteError``. Nothing is retried here; the next write simply works once there is
   room again.
 - A damaged file (not a database, malformed, or tables that are not the spool's), found at
-  open or by any later read or write, is moved aside to ``<name>.damaged-<UTC
+  open (SQLite's ``quick_check`` reads the whole file once) or by any later read or write,
+  is moved aside to ``<name>.damaged-<UTC
   yyyymmddTHHMMSS>`` (its ``-wal`` and ``-shm`` with it), logged, counted in
   ``quarantined``, and a fresh spool takes its place; what was waiting in it stays in the
   moved file, undelivered. A path that cannot hold a spool at all (a directory, no
@@ -74,7 +76,7 @@ _DAMAGE_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
 # SQLite's limit on "?" in one statement is 32766; deletes of remembered items go in chunks.
 _CHUNK = 500
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -350,7 +352,7 @@ class Spool:
             db.execute("INSERT INTO sqlite_sequence (name, seq) VALUES ('spool', ?)", (self._last_seq,))
         self._last_seq = max(self._last_seq, row[0] if row else 0)
 
-    def _guarded(self, operation: Callable[[], T]) -> T:
+    def _guarded(self, operation: Callable[[], _T]) -> _T:
         """Run a read or write (the caller holds the lock); when it finds the file damaged, move the
         file aside and run it once more on a fresh spool."""
         if self._db is None:
