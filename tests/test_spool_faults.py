@@ -3,6 +3,7 @@ time. The spool degrades, the publisher goes on, and both recover by themselves.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
@@ -17,6 +18,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
+from agent.mqtt import heatmap_topic
 from agent.spool import Message, Spool, SpoolWriteError
 
 from mqtt_client import PREFIX, subscribers, wait_until  # noqa: F401  (fixture)
@@ -139,13 +141,17 @@ def test_on_a_full_disk_verdicts_go_direct_or_are_counted_lost_then_the_spool_re
     for i in range(1, 4):
         pub.publish_verdict(make_verdict(i), encode(heatmap_image(i)))
     live.wait_for(lambda: len(live.verdict_ids()) == 4 and len(heatmap_ids(live)) == 3, "direct verdicts")
-    for i in range(1, 4):
-        verdict, heatmap = [m for m in live.messages if m.topic in (f"{PREFIX}/verdict", f"{PREFIX}/heatmap/f{i:05d}")
-                            and f"f{i:05d}".encode() in m.payload + m.topic.encode()]
-        assert verdict.topic.endswith("/verdict") and verdict.qos == 1
-        assert verdict.properties.ContentType == "application/json"
-        assert heatmap.qos == 1 and heatmap.properties.ContentType == "image/png"
-        assert heatmap.properties.CorrelationData == f"f{i:05d}".encode()
+    delivered = [m for m in live.messages if m.topic != f"{PREFIX}/status"]
+    assert [json.loads(m.payload)["frame_id"] if m.topic == f"{PREFIX}/verdict" else m.topic for m in delivered] == [
+        "f00000", "f00001", heatmap_topic(PREFIX, "f00001"), "f00002", heatmap_topic(PREFIX, "f00002"),
+        "f00003", heatmap_topic(PREFIX, "f00003")]
+    for m in delivered:
+        assert m.qos == 1 and not m.retain
+        if "/heatmap/" in m.topic:
+            assert m.properties.ContentType == "image/png"
+            assert m.properties.CorrelationData == m.topic.rsplit("/", 1)[1].encode()
+        else:
+            assert m.properties.ContentType == "application/json"
     stats = pub.stats
     assert stats.direct == 6 and stats.lost == 0 and stats.spool_errors == 3 and stats.spooled == 0
 
