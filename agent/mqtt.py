@@ -11,21 +11,38 @@ Topics, under ``prefix = mqtt.topic_prefix`` (e.g. ``inspection/line1``):
     ``image/png`` or ``image/jpeg``. In the topic level, ``% / + #`` and NUL of the frame id are
     percent-encoded (``%25 %2F %2B %23 %00``), so any URL-decoder gives back the frame id.
 ``{prefix}/status``
-    Retained JSON ``{"state": "online" | "offline", "client_id": ..., "reason": ...}``;
-    "online" on every connect, "offline" with reason "stopped" on a clean stop, and the
-    same "offline" message with reason "connection lost" as the Last Will that the
-    broker publishes when the agent dies or its connection drops.
+    Retained JSON ``{"state": "online" | "offline", "client_id": ..., "reason": ...,
+    "timestamp": ...}`` (epoch seconds); "online" on every connect, with ``"last_outage":
+    {"seconds": ..., "reason": ...}`` after a broker outage; "offline" with reason "stopped"
+    on a clean stop. The Last Will, which the broker publishes when the agent dies or its
+    connection drops, is the "offline" message with reason "connection lost" and no
+    timestamp: its content is fixed when the agent connects, long before the broker sends it.
 ``{prefix}/health``
     Periodic JSON from the health module (every ``mqtt.health_interval_s``); QoS 0, not
     retained, not spooled: a missed health message is superseded by the next one.
 
 Store and forward: ``publish_verdict`` only writes to the on-disk spool (it never waits for
-the network); a sender thread hands spooled items to paho in spool order while connected,
-at most ``WINDOW`` unacknowledged at a time, and deletes each from the spool on its PUBACK.
-Nothing is given to paho while disconnected, so paho's in-memory queue never holds more
-than the in-flight window; paho re-sends that window itself after a reconnect (same message
-ids, DUP set) before anything newer, and after a process restart the spool is replayed
-from its oldest item. Delivery is at-least-once: integrators de-duplicate on frame id.
+the network), a verdict and its heatmap in one transaction; a sender thread hands spooled
+items to paho in spool order while connected, at most ``WINDOW`` unacknowledged at a time,
+and deletes each from the spool on its PUBACK. Nothing is given to paho while disconnected,
+so paho's in-memory queue never holds more than the in-flight window; paho re-sends that
+window itself after a reconnect (same message ids, DUP set) before anything newer, and
+after a process restart the spool is replayed from its oldest item. Delivery is
+at-least-once: integrators de-duplicate on frame id.
+
+When the spool cannot be written (disk full, I/O error), ``publish_verdict`` still does not
+raise: while connected it hands the verdict and heatmap straight to paho (same QoS and
+properties, counted as ``direct``; they may overtake older spooled items), otherwise they
+are counted as ``lost``, and inspection goes on. One WARNING when the spool starts failing,
+one line when a write works again. The spool itself recovers from damage (see
+``agent.spool``).
+
+Logs stay quiet through an outage: one WARNING when it starts (a failed connect or a lost
+connection), one INFO line when it ends (after how long, how much is spooled); a broker
+that refuses the connection (bad credentials, not authorised) gets one ERROR per outage
+naming broker, user name and reason. paho's own log lines, which repeat on every retry,
+go to ``agent.mqtt.paho`` at DEBUG. ``Publisher.stats.state`` says the same for health:
+"connecting" | "connected" | "disconnected" | "refused", with a reason and since when.
 """
 from __future__ import annotations
 
@@ -49,11 +66,15 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import Field, model_validator
 
-from agent.spool import Spool, SpoolItem, check_spool_path
+from agent.spool import Message, Spool, SpoolWriteError, check_spool_path
 from agent.verdict import Verdict
 from engines.settings import ConfigPath, SettingError, Settings
 
+__all__ = ["WINDOW", "ConnectionState", "MqttConfig", "Publisher", "PublisherStats", "check_files", "heatmap_topic",
+           "read_password", "tls_context"]
+
 log = logging.getLogger(__name__)
+_paho_log = logging.getLogger(f"{__name__}.paho")
 
 # Spooled messages handed to paho and not yet acknowledged. Small, because paho keeps
 # these in memory only; large enough to keep a LAN link busy.
@@ -109,14 +130,38 @@ class MqttConfig(Settings):
         return self
 
 
+ConnectionState = Literal["connecting", "connected", "disconnected", "refused"]
+
+
 @dataclass(frozen=True)
 class PublisherStats:
     connected: bool
-    sent: int       # handed to paho, replays included
+    sent: int       # handed to paho from the spool, replays included
     acked: int      # acknowledged by the broker and deleted from the spool
     spooled: int    # waiting in the spool, in-flight ones included
     dropped: int    # dropped by the full spool's policy (this process)
     rejected: int   # refused by the broker (MQTT 5 reason code) or unpublishable; logged, deleted
+    state: ConnectionState
+    state_reason: str | None  # why not connected: "cannot connect", "connection lost: ...", "Not authorized"
+    state_since: float        # epoch seconds
+    direct: int     # published without the spool, which could not be written
+    lost: int       # neither spooled nor published: the spool failed while disconnected
+    spool_quarantined: int  # damaged spool files moved aside
+    spool_errors: int       # spool writes that failed
+
+
+@dataclass(frozen=True)
+class _State:
+    name: ConnectionState
+    reason: str | None
+    since: float  # epoch seconds
+
+
+@dataclass(frozen=True)
+class _SpoolFailure:
+    since: float  # monotonic
+    direct: int   # the counts when it began
+    lost: int
 
 
 def heatmap_topic(prefix: str, frame_id: str) -> str:
@@ -178,8 +223,13 @@ class Publisher:
         self._client = self._make_client(read_password(cfg))
 
         self._connected = threading.Event()    # set once the broker acknowledged "online"
-        self._online_mid: int | None = None    # network thread only
-        self._unreachable_logged = False       # network thread only
+        self._state = _State("connecting", None, time.time())  # replaced whole: stats reads it
+        self._online_mid: int | None = None    # network thread only, as are the outage fields
+        self._outage_since: float | None = None  # monotonic; None while connected
+        self._outage_reason = ""
+        self._refusal_logged = False
+        self._direct = self._lost = 0          # inspection thread only, as is _spool_failure
+        self._spool_failure: _SpoolFailure | None = None
         self._wake = threading.Event()
         self._acks: queue.SimpleQueue[tuple[int, ReasonCode]] = queue.SimpleQueue()
         self._inflight: dict[int, int] = {}    # paho mid -> spool seq; sender thread only
@@ -203,13 +253,20 @@ class Publisher:
         self._client.loop_start()
 
     def publish_verdict(self, verdict: Verdict, heatmap: bytes | None = None) -> None:
-        """Spool the verdict (and its encoded heatmap image); returns without touching the network."""
+        """Spool the verdict and its encoded heatmap image together; returns without waiting for the
+        network. Never raises for the spool: when it cannot be written, they are published
+        directly (connected) or counted as lost (not connected)."""
+        messages = [Message(self._topic_verdict, verdict.to_json().encode(), self.cfg.qos, kind="verdict")]
         if heatmap is not None:
             _image_type(heatmap)  # fail here, in the caller, not later in the sender
-        self.spool.put(self._topic_verdict, verdict.to_json().encode(), qos=self.cfg.qos, kind="verdict")
-        if heatmap is not None:
-            self.spool.put(heatmap_topic(self.cfg.topic_prefix, verdict.frame_id), heatmap,
-                           qos=self.cfg.qos, kind="heatmap")
+            messages.append(Message(heatmap_topic(self.cfg.topic_prefix, verdict.frame_id), bytes(heatmap),
+                                    self.cfg.qos, kind="heatmap"))
+        try:
+            self.spool.put_many(messages)
+        except SpoolWriteError as e:
+            self._publish_without_spool(messages, e)
+        else:
+            self._spool_writable()
         self._wake.set()
 
     def publish_health(self, payload: dict[str, Any]) -> bool:
@@ -241,6 +298,7 @@ class Publisher:
             self._connected.clear()
             self._client.disconnect()
             self._client.loop_stop()
+            self._set_state("disconnected", "stopped")
         left = len(self.spool)
         if left:
             log.warning("MQTT: stopped with %d message(s) still spooled in %s; they are sent at next start",
@@ -250,8 +308,38 @@ class Publisher:
 
     @property
     def stats(self) -> PublisherStats:
+        state = self._state
         return PublisherStats(connected=self._connected.is_set(), sent=self._sent, acked=self._acked,
-                              spooled=len(self.spool), dropped=self.spool.dropped, rejected=self._rejected)
+                              spooled=len(self.spool), dropped=self.spool.dropped, rejected=self._rejected,
+                              state=state.name, state_reason=state.reason, state_since=state.since,
+                              direct=self._direct, lost=self._lost, spool_quarantined=self.spool.quarantined,
+                              spool_errors=self.spool.write_errors)
+
+    # -- when the spool cannot be written (inspection thread) ------------------------
+
+    def _publish_without_spool(self, messages: list[Message], error: SpoolWriteError) -> None:
+        if self._spool_failure is None:
+            self._spool_failure = _SpoolFailure(time.monotonic(), self._direct, self._lost)
+            log.warning("MQTT: %s; until it works again, verdicts and heatmaps go straight to the broker "
+                        "while connected and are lost while not", error)
+        if self._connected.is_set():
+            for message in messages:
+                self._client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain,
+                                     properties=self._item_properties(message))
+            self._direct += len(messages)
+        else:
+            self._lost += len(messages)
+
+    def _spool_writable(self) -> None:
+        failure = self._spool_failure
+        if failure is None:
+            return
+        self._spool_failure = None
+        lost = self._lost - failure.lost
+        log.log(logging.WARNING if lost else logging.INFO,
+                "MQTT: spool %s writable again after %.0f s; meanwhile %d message(s) went directly to the "
+                "broker and %d were lost", self.spool.path, time.monotonic() - failure.since,
+                self._direct - failure.direct, lost)
 
     # -- paho setup and callbacks (network thread) ------------------------------------
 
@@ -259,9 +347,10 @@ class Publisher:
         cfg = self.cfg
         client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                              protocol=mqtt.MQTTv5 if self._v5 else mqtt.MQTTv311)
-        client.enable_logger(logging.getLogger(f"{__name__}.paho"))
+        client.on_log = _on_paho_log
         client.reconnect_delay_set(cfg.reconnect_min_s, cfg.reconnect_max_s)  # type: ignore[arg-type]
-        # Room for the window plus status messages, so paho never queues a spooled item itself.
+        # Room for the window plus status messages, so paho never queues a spooled item itself
+        # (only while the spool fails can direct messages take the room).
         client.max_inflight_messages_set(WINDOW + 4)
         client.will_set(self._topic_status, self._status_payload("offline", "connection lost"),
                         qos=1, retain=True)
@@ -278,41 +367,75 @@ class Publisher:
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                     properties: Any) -> None:
         if reason.is_failure:
-            log.error("MQTT: broker %s:%d refused the connection: %s; retrying with backoff",
-                      self.cfg.host, self.cfg.port, reason)
+            self._refused(str(reason))
             return
-        log.info("MQTT: connected to %s:%d; %d message(s) spooled", self.cfg.host, self.cfg.port,
-                 len(self.spool))
-        self._unreachable_logged = False
+        self._set_state("connecting", None)  # accepted; "connected" once "online" is acknowledged
         # Spooled sending starts on this message's PUBACK: by then paho has queued its
         # re-sends of the previous connection's in-flight window, which keeps spool order.
-        info = client.publish(self._topic_status, self._status_payload("online"), qos=1, retain=True)
+        info = client.publish(self._topic_status, self._online_payload(), qos=1, retain=True)
         self._online_mid = info.mid
 
     def _on_connect_fail(self, client: mqtt.Client, userdata: Any) -> None:
-        if not self._unreachable_logged:
-            # paho does not pass the cause; with TLS it is often the certificate (ca_file, hostname).
+        # paho does not pass the cause; with TLS it is often the certificate (ca_file, hostname).
+        self._set_state("disconnected", "cannot connect")
+        if self._outage_begins("cannot connect"):
             log.warning("MQTT: cannot connect to broker %s:%d (down, unreachable, or TLS handshake failed); "
-                        "spooling to %s and retrying every %g..%g s",
-                        self.cfg.host, self.cfg.port, self.spool.path, self.cfg.reconnect_min_s,
-                        self.cfg.reconnect_max_s)
-            self._unreachable_logged = True
+                        "spooling to %s and retrying every %g..%g s", self.cfg.host, self.cfg.port,
+                        self.spool.path, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
 
     def _on_disconnect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
                        properties: Any) -> None:
-        was_connected = self._connected.is_set()
         self._connected.clear()
         self._online_mid = None
-        if was_connected and not self._stopping.is_set():
-            log.warning("MQTT: disconnected from %s:%d (%s); spooling until reconnected",
-                        self.cfg.host, self.cfg.port, reason)
+        if self._stopping.is_set() or self._state.name == "refused":
+            return  # a clean stop, or paho closing a refused connection: both told already
+        self._set_state("disconnected", f"connection lost: {reason}")
+        if self._outage_begins(f"connection lost: {reason}"):
+            log.warning("MQTT: lost the connection to %s:%d (%s); spooling to %s and retrying every %g..%g s",
+                        self.cfg.host, self.cfg.port, reason, self.spool.path, self.cfg.reconnect_min_s,
+                        self.cfg.reconnect_max_s)
+
+    def _refused(self, reason: str) -> None:
+        self._set_state("refused", reason)
+        self._outage_begins(f"refused: {reason}")
+        if self._refusal_logged:
+            return
+        self._refusal_logged = True
+        user = "no user name" if self.cfg.username is None else f"user name {self.cfg.username!r}"
+        log.error("MQTT: broker %s:%d refused the connection (%s): %s; check the user name, password and the "
+                  "broker's ACL; spooling to %s and retrying every %g..%g s", self.cfg.host, self.cfg.port, user,
+                  reason, self.spool.path, self.cfg.reconnect_min_s, self.cfg.reconnect_max_s)
+
+    def _outage_begins(self, reason: str) -> bool:
+        """True for the first failure since the last connection: the one that is logged."""
+        if self._outage_since is not None:
+            return False
+        self._outage_since = time.monotonic()
+        self._outage_reason = reason
+        return True
+
+    def _online(self) -> None:
+        if self._outage_since is None:
+            log.info("MQTT: connected to %s:%d; %d message(s) spooled", self.cfg.host, self.cfg.port,
+                     len(self.spool))
+        else:
+            log.info("MQTT: reconnected to %s:%d after %.1f s (%s); %d message(s) spooled", self.cfg.host,
+                     self.cfg.port, time.monotonic() - self._outage_since, self._outage_reason, len(self.spool))
+        self._outage_since = None
+        self._refusal_logged = False
+        self._set_state("connected", None)
+        self._connected.set()
+
+    def _set_state(self, name: ConnectionState, reason: str | None) -> None:
+        since = self._state.since if name == self._state.name else time.time()
+        self._state = _State(name, reason, since)
 
     def _on_publish(self, client: mqtt.Client, userdata: Any, mid: int, reason: ReasonCode,
                     properties: Any) -> None:
         if mid == self._online_mid:
             if reason.is_failure:
                 log.error("MQTT: broker refused the status message on %s: %s", self._topic_status, reason)
-            self._connected.set()
+            self._online()
         else:
             self._acks.put((mid, reason))
         self._wake.set()
@@ -374,17 +497,26 @@ class Publisher:
     # -- payloads --------------------------------------------------------------------
 
     def _publish_offline(self, timeout_s: float) -> None:
-        info = self._client.publish(self._topic_status, self._status_payload("offline", "stopped"),
+        info = self._client.publish(self._topic_status,
+                                    self._status_payload("offline", "stopped", timestamp=round(time.time(), 3)),
                                     qos=1, retain=True)
         try:
             info.wait_for_publish(timeout=timeout_s)
         except (RuntimeError, ValueError) as e:
             log.warning("MQTT: could not publish offline status: %s", e)
 
-    def _status_payload(self, state: str, reason: str | None = None) -> str:
+    def _online_payload(self) -> str:
+        fields: dict[str, Any] = {"timestamp": round(time.time(), 3)}
+        if self._outage_since is not None:
+            fields["last_outage"] = {"seconds": round(time.monotonic() - self._outage_since, 1),
+                                     "reason": self._outage_reason}
+        return self._status_payload("online", **fields)
+
+    def _status_payload(self, state: str, reason: str | None = None, **fields: Any) -> str:
         body: dict[str, Any] = {"state": state, "client_id": self.client_id}
         if reason is not None:
             body["reason"] = reason
+        body.update(fields)
         return json.dumps(body, separators=(",", ":"))
 
     def _json_properties(self) -> Properties | None:
@@ -395,15 +527,21 @@ class Publisher:
         props.PayloadFormatIndicator = 1  # UTF-8 text
         return props
 
-    def _item_properties(self, item: SpoolItem) -> Properties | None:
+    def _item_properties(self, message: Message) -> Properties | None:
         if not self._v5:
             return None
-        if item.kind != "heatmap":
+        if message.kind != "heatmap":
             return self._json_properties()
         props = Properties(PacketTypes.PUBLISH)
-        props.ContentType = _image_type(item.payload)
-        props.CorrelationData = unquote(item.topic.rsplit("/", 1)[1]).encode()
+        props.ContentType = _image_type(message.payload)
+        props.CorrelationData = unquote(message.topic.rsplit("/", 1)[1]).encode()
         return props
+
+
+def _on_paho_log(client: mqtt.Client, userdata: Any, level: int, buf: str) -> None:
+    # All at DEBUG: while the broker is away paho repeats an ERROR on every retry ("Client is
+    # not connected"), and the Publisher's callbacks already report each change once.
+    _paho_log.debug("%s", buf)
 
 
 def _image_type(data: bytes) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -189,7 +190,9 @@ def test_status_online_then_offline_after_stop(mosquitto: Any, subscribers: Any,
     late = subscribers(mosquitto)  # subscribes after the fact: sees the retained status
     late.wait_for(lambda: late.on(f"{PREFIX}/status"), "retained online")
     (online,) = late.on(f"{PREFIX}/status")
-    assert online.retain and json.loads(online.payload) == {"state": "online", "client_id": "agent-under-test"}
+    body = json.loads(online.payload)
+    assert online.retain and abs(body.pop("timestamp") - time.time()) < WAIT_S
+    assert body == {"state": "online", "client_id": "agent-under-test"}  # no outage before it
 
     assert pub.publish_health({"fps": 12.5, "spool": pub.stats.spooled})
     late.wait_for(lambda: late.on(f"{PREFIX}/health"), "health")
@@ -201,8 +204,10 @@ def test_status_online_then_offline_after_stop(mosquitto: Any, subscribers: Any,
     later = subscribers(mosquitto)
     later.wait_for(lambda: later.on(f"{PREFIX}/status"), "retained offline")
     (offline,) = later.on(f"{PREFIX}/status")
-    assert offline.retain and json.loads(offline.payload)["state"] == "offline"
-    assert json.loads(offline.payload)["reason"] == "stopped"
+    body = json.loads(offline.payload)
+    assert offline.retain and body["state"] == "offline" and body["reason"] == "stopped"
+    assert abs(body["timestamp"] - time.time()) < WAIT_S
+    assert pub.stats.state == "disconnected" and pub.stats.state_reason == "stopped"
     assert pub.publish_health({"fps": 0}) is False  # not connected: dropped, not queued
 
 
@@ -218,6 +223,7 @@ def test_last_will_offline_when_the_process_dies(mosquitto: Any, subscribers: An
         child.kill_9()
     sub.wait_for(lambda: len(sub.on(f"{PREFIX}/status")) == 2, "the Last Will")
     will = json.loads(sub.on(f"{PREFIX}/status")[-1].payload)
+    # No timestamp: the will is fixed at connect time, long before the broker sends it.
     assert will == {"state": "offline", "client_id": "agent-child", "reason": "connection lost"}
 
 
@@ -242,6 +248,45 @@ def test_broker_outage_mid_stream_loses_nothing(mosquitto: Any, subscribers: Any
     sub.wait_for(lambda: set(sub.verdict_ids()) == expected, "all 120 verdicts")
     assert pub.stop(timeout_s=10) is True
     assert pub.stats.spooled == 0 and pub.stats.dropped == 0
+
+
+def test_an_outage_logs_one_warning_and_one_recovery_line(mosquitto: Any, subscribers: Any, publishers: Any,
+                                                         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.DEBUG)  # paho's own lines too: none of them may come out louder
+    sub = subscribers(mosquitto, protocol=mqtt.MQTTv311, client_id="plc", persistent=True)
+    pub = publishers(config(mosquitto, tmp_path))
+    wait_until(lambda: pub.stats.connected, "connection")
+    assert pub.stats.state == "connected" and pub.stats.state_reason is None
+    for i in range(10):
+        pub.publish_verdict(make_verdict(i))
+    mosquitto.stop()
+    wait_until(lambda: not pub.stats.connected, "the publisher to notice the outage")
+    for i in range(10, 20):
+        pub.publish_verdict(make_verdict(i))
+    wait_until(lambda: _count(caplog, "Connection failed, retrying") >= 5, "five failed reconnects")
+    stats = pub.stats
+    assert stats.state == "disconnected" and stats.state_reason == "cannot connect"
+    assert stats.state_since <= time.time()
+    mosquitto.start()
+
+    sub.wait_for(lambda: set(sub.verdict_ids()) == {f"f{i:05d}" for i in range(20)}, "all 20 verdicts")
+    sub.wait_for(lambda: any("last_outage" in json.loads(m.payload) for m in sub.on(f"{PREFIX}/status")),
+                 "the online status after the outage")
+    # The last one: a subscriber that resubscribes gets the retained copy as well.
+    online = json.loads(sub.on(f"{PREFIX}/status")[-1].payload)
+    assert online["state"] == "online" and online["last_outage"]["seconds"] > 0
+    assert online["last_outage"]["reason"].startswith("connection lost")
+    assert pub.stats.state == "connected"
+
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(loud) == 1 and loud[0].levelno == logging.WARNING, [r.getMessage() for r in loud]
+    assert f"lost the connection to {mosquitto.host}:{mosquitto.port}" in loud[0].getMessage()
+    (back,) = [r for r in caplog.records if "reconnected" in r.getMessage()]
+    assert back.levelno == logging.INFO and re.search(r"after \d+\.\d s .* message\(s\) spooled", back.getMessage())
+
+
+def _count(caplog: pytest.LogCaptureFixture, text: str) -> int:
+    return sum(text in r.getMessage() for r in caplog.records)
 
 
 def test_spool_of_a_killed_publisher_is_delivered_after_restart(mosquitto: Any, subscribers: Any,
@@ -334,11 +379,22 @@ def test_username_password_from_file_never_logged(auth_broker: Any, subscribers:
 def test_wrong_password_keeps_verdicts_spooled(auth_broker: Any, publishers: Any, tmp_path: Path,
                                                caplog: pytest.LogCaptureFixture,
                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    caplog.set_level(logging.DEBUG)
     monkeypatch.setenv("TEST_MQTT_PASSWORD", "wrong-guess")
     pub = publishers(config(auth_broker, tmp_path, username="agent", password_env="TEST_MQTT_PASSWORD"))
     pub.publish_verdict(make_verdict(1))
-    wait_until(lambda: any("refused the connection" in r.getMessage() for r in caplog.records), "refusal log")
-    assert not pub.stats.connected and pub.stats.spooled == 1
+    wait_until(lambda: _count(caplog, "Received CONNACK") >= 3, "three refused connections")
+
+    # One clear line for the whole episode, not one per retry.
+    loud = [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(loud) == 1 and loud[0].levelno == logging.ERROR, [r.getMessage() for r in loud]
+    line = loud[0].getMessage()
+    assert f"broker {auth_broker.host}:{auth_broker.port} refused the connection (user name 'agent')" in line
+    stats = pub.stats
+    # mosquitto 2 answers "Not authorized" to a wrong password; others say "Bad user name or password".
+    assert stats.state == "refused" and stats.state_reason in ("Not authorized", "Bad user name or password")
+    assert stats.state_reason in line
+    assert not stats.connected and stats.spooled == 1
     assert all("wrong-guess" not in r.getMessage() for r in caplog.records)
 
 

@@ -1,16 +1,21 @@
-"""The on-disk spool: order, acks, the full-spool policy, durability across a killed process."""
+"""The on-disk spool: order, acks, the full-spool policy, pairs written together, durability across a
+killed process. Faults (full disk, damaged files) are in test_spool_faults.py."""
 from __future__ import annotations
 
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
+from contextlib import closing
 from pathlib import Path
 
 import pytest
 
-from agent.spool import Spool
+from agent.spool import Message, Spool
+
+from mqtt_client import wait_until
 
 
 def test_pending_in_insertion_order_and_ack_removes(tmp_path: Path) -> None:
@@ -119,3 +124,61 @@ def test_concurrent_put_and_ack(tmp_path: Path) -> None:
 def test_bad_limits_are_named(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="max_bytes"):
         Spool(tmp_path / "s.sqlite", max_messages=10, max_bytes=0)
+
+
+def test_a_path_that_cannot_hold_a_spool_raises_oserror(tmp_path: Path) -> None:
+    with pytest.raises(OSError, match="cannot open"):
+        Spool(tmp_path, max_messages=10, max_bytes=1000)  # a directory
+    assert [p.name for p in tmp_path.iterdir()] == []  # and it was not taken for a damaged file
+
+
+def test_put_many_stores_in_order_and_makes_room_once(tmp_path: Path) -> None:
+    spool = Spool(tmp_path / "s.sqlite", max_messages=3, max_bytes=1 << 20)
+    spool.put("t/verdict", b"v0")
+    seqs = spool.put_many([Message("t/verdict", b"v1"), Message("t/heatmap/1", b"h1", kind="heatmap"),
+                           Message("t/verdict", b"v2")])
+    assert seqs == sorted(seqs) and len(set(seqs)) == 3
+    # Four items into three places: the policy ran on the whole write, so the heatmap went.
+    assert [i.payload for i in spool.pending(10)] == [b"v0", b"v1", b"v2"]
+    assert spool.dropped == 1 and len(spool) == 3
+    assert spool.put_many([]) == []
+
+
+_PAIR_WRITER = """
+import sys
+from pathlib import Path
+from agent.spool import Message, Spool
+spool = Spool(Path(sys.argv[1]), max_messages=1_000_000, max_bytes=1 << 30)
+i = 0
+while True:
+    spool.put_many([Message("t/verdict", b"v%d" % i),
+                    Message("t/heatmap/%d" % i, b"h%d." % i + bytes(4000), kind="heatmap")])
+    if i == 0:
+        print("writing", flush=True)
+    i += 1
+"""
+
+
+def test_a_killed_writer_never_leaves_a_verdict_without_its_heatmap(tmp_path: Path) -> None:
+    path = tmp_path / "s.sqlite"
+    for round_ in range(6):  # several kills, at different points of the loop
+        proc = subprocess.Popen([sys.executable, "-c", _PAIR_WRITER, str(path)], stdout=subprocess.PIPE,
+                                cwd=Path(__file__).resolve().parents[1])
+        try:
+            assert proc.stdout is not None and proc.stdout.readline().strip() == b"writing"
+            wait_until(lambda: _rows(path) >= 40 * (round_ + 1) + 7 * round_, "the writer's pairs")
+        finally:
+            os.kill(proc.pid, signal.SIGKILL)
+            proc.wait()
+        spool = Spool(path, max_messages=1_000_000, max_bytes=1 << 30)
+        items = spool.pending(1_000_000)
+        spool.close()
+        verdicts = [i.payload.decode() for i in items if i.kind == "verdict"]
+        heatmaps = [i.payload.split(b".")[0].decode() for i in items if i.kind == "heatmap"]
+        assert [v[1:] for v in verdicts] == [h[1:] for h in heatmaps]  # pair by pair, none alone
+        assert len(items) % 2 == 0
+
+
+def _rows(path: Path) -> int:
+    with closing(sqlite3.connect(path)) as db:
+        return db.execute("SELECT COUNT(*) FROM spool").fetchone()[0]
