@@ -32,10 +32,12 @@ at-least-once: integrators de-duplicate on frame id.
 
 When the spool cannot be written (disk full, I/O error), ``publish_verdict`` still does not
 raise: while connected it hands the verdict and heatmap straight to paho (same QoS and
-properties, counted as ``direct``; they may overtake older spooled items), otherwise they
-are counted as ``lost``, and inspection goes on. One WARNING when the spool starts failing,
-one line when a write works again. The spool itself recovers from damage (see
-``agent.spool``).
+properties, counted as ``direct``; they may overtake older spooled items). While not
+connected they wait in memory (at most ``HELD_MAX_BYTES``, oldest given up first) and go out
+directly once the broker is back; what memory cannot hold, or still holds at stop, is counted
+as ``lost``. Counts are of verdicts (a heatmap travels with its verdict). Inspection goes on
+throughout. One WARNING when the spool starts failing, one line when a write works again.
+The spool itself recovers from damage (see ``agent.spool``).
 
 Logs stay quiet through an outage: one WARNING when it starts (a failed connect or a lost
 connection), one INFO line when it ends (after how long, how much is spooled); a broker
@@ -46,6 +48,7 @@ go to ``agent.mqtt.paho`` at DEBUG. ``Publisher.stats.state`` says the same for 
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import os
@@ -75,6 +78,10 @@ __all__ = ["WINDOW", "ConnectionState", "MqttConfig", "Publisher", "PublisherSta
 
 log = logging.getLogger(__name__)
 _paho_log = logging.getLogger(f"{__name__}.paho")
+
+# While the spool cannot be written and the broker is away, verdicts and heatmaps wait in memory
+# up to this many bytes: a short outage on a full disk then loses nothing.
+HELD_MAX_BYTES = 64 * 2**20
 
 # Spooled messages handed to paho and not yet acknowledged. Small, because paho keeps
 # these in memory only; large enough to keep a LAN link busy.
@@ -144,8 +151,9 @@ class PublisherStats:
     state: ConnectionState
     state_reason: str | None  # why not connected: "cannot connect", "connection lost: ...", "Not authorized"
     state_since: float        # epoch seconds
-    direct: int     # published without the spool, which could not be written
-    lost: int       # neither spooled nor published: the spool failed while disconnected
+    direct: int     # verdicts published without the spool, which could not be written
+    held: int       # verdicts waiting in memory: the spool failed while disconnected
+    lost: int       # verdicts neither spooled nor published (memory full, or still held at stop)
     spool_quarantined: int  # damaged spool files moved aside
     spool_errors: int       # spool writes that failed
 
@@ -228,7 +236,10 @@ class Publisher:
         self._outage_since: float | None = None  # monotonic; None while connected
         self._outage_reason = ""
         self._refusal_logged = False
-        self._direct = self._lost = 0          # inspection thread only, as is _spool_failure
+        self._direct = self._lost = 0
+        self._held: collections.deque[list[Message]] = collections.deque()  # a verdict with its heatmap
+        self._held_bytes = 0
+        self._held_lock = threading.Lock()     # inspection thread adds, sender thread publishes
         self._spool_failure: _SpoolFailure | None = None
         self._wake = threading.Event()
         self._acks: queue.SimpleQueue[tuple[int, ReasonCode]] = queue.SimpleQueue()
@@ -287,7 +298,7 @@ class Publisher:
             return self._stopped
         deadline = time.monotonic() + timeout_s
         if self._started:
-            while len(self.spool) and time.monotonic() < deadline:
+            while (len(self.spool) or self._held) and time.monotonic() < deadline:
                 self._wake.set()
                 time.sleep(0.02)
             self._stopping.set()
@@ -299,6 +310,13 @@ class Publisher:
             self._client.disconnect()
             self._client.loop_stop()
             self._set_state("disconnected", "stopped")
+        with self._held_lock:
+            if self._held:
+                log.warning("MQTT: stopped with %d verdict(s) held in memory (the spool could not take them): "
+                            "lost", len(self._held))
+                self._lost += len(self._held)
+                self._held.clear()
+                self._held_bytes = 0
         left = len(self.spool)
         if left:
             log.warning("MQTT: stopped with %d message(s) still spooled in %s; they are sent at next start",
@@ -312,7 +330,8 @@ class Publisher:
         return PublisherStats(connected=self._connected.is_set(), sent=self._sent, acked=self._acked,
                               spooled=len(self.spool), dropped=self.spool.dropped, rejected=self._rejected,
                               state=state.name, state_reason=state.reason, state_since=state.since,
-                              direct=self._direct, lost=self._lost, spool_quarantined=self.spool.quarantined,
+                              direct=self._direct, held=len(self._held), lost=self._lost,
+                              spool_quarantined=self.spool.quarantined,
                               spool_errors=self.spool.write_errors)
 
     # -- when the spool cannot be written (inspection thread) ------------------------
@@ -321,14 +340,28 @@ class Publisher:
         if self._spool_failure is None:
             self._spool_failure = _SpoolFailure(time.monotonic(), self._direct, self._lost)
             log.warning("MQTT: %s; until it works again, verdicts and heatmaps go straight to the broker "
-                        "while connected and are lost while not", error)
+                        "while connected and wait in memory (up to %d MiB) while not", error,
+                        HELD_MAX_BYTES >> 20)
+        with self._held_lock:
+            self._held.append(messages)
+            self._held_bytes += sum(len(m.payload) for m in messages)
+            while self._held_bytes > HELD_MAX_BYTES:
+                given_up = self._held.popleft()
+                self._held_bytes -= sum(len(m.payload) for m in given_up)
+                self._lost += 1
         if self._connected.is_set():
-            for message in messages:
-                self._client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain,
-                                     properties=self._item_properties(message))
-            self._direct += len(messages)
-        else:
-            self._lost += len(messages)
+            self._publish_held()
+
+    def _publish_held(self) -> None:
+        """Hand what waits in memory straight to paho (any thread; connected)."""
+        with self._held_lock:
+            while self._held and self._connected.is_set():
+                messages = self._held.popleft()
+                self._held_bytes -= sum(len(m.payload) for m in messages)
+                for message in messages:
+                    self._client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain,
+                                         properties=self._item_properties(message))
+                self._direct += 1
 
     def _spool_writable(self) -> None:
         failure = self._spool_failure
@@ -337,7 +370,7 @@ class Publisher:
         self._spool_failure = None
         lost = self._lost - failure.lost
         log.log(logging.WARNING if lost else logging.INFO,
-                "MQTT: spool %s writable again after %.0f s; meanwhile %d message(s) went directly to the "
+                "MQTT: spool %s writable again after %.0f s; meanwhile %d verdict(s) went directly to the "
                 "broker and %d were lost", self.spool.path, time.monotonic() - failure.since,
                 self._direct - failure.direct, lost)
 
@@ -449,6 +482,7 @@ class Publisher:
             try:
                 self._settle_acks()
                 if self._connected.is_set() and not self._stopping.is_set():
+                    self._publish_held()
                     self._send_pending()
             except Exception:
                 log.exception("MQTT sender: unexpected error; retrying in 1 s")

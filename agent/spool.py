@@ -40,6 +40,7 @@ guarded by a lock.
 """
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import shutil
@@ -156,8 +157,16 @@ class Spool:
         self._overflowing = False
         self._deletes_failing = False
         self._lock = threading.Lock()
-        self._db: sqlite3.Connection | None = None  # None only after a failed reopen
-        self._open()
+        self._db: sqlite3.Connection | None = None  # None only after a failed (re)open
+        try:
+            self._open()
+        except OSError as e:
+            if not _full_or_io(e):
+                raise
+            # A full or failing disk at start is a fault to live with: writes fail (and go around
+            # the spool) until one can open the file.
+            self.write_errors += 1
+            log.warning("%s; starting without it, it is opened again at the next write", e)
         if self._totals.count:
             log.info("spool %s: %d item(s) from a previous run to deliver", self.path, self._totals.count)
 
@@ -431,6 +440,14 @@ def _check_is_spool(db: sqlite3.Connection) -> None:
     columns = [row[1] for row in db.execute("PRAGMA table_info(spool)")]
     if tables - {"sqlite_sequence"} != {"spool"} or columns != _COLUMNS:
         raise _Damage(f"not a spool: tables {sorted(tables)}, spool columns {columns}")
+
+
+def _full_or_io(error: BaseException) -> bool:
+    """A disk that is full or failing now, as opposed to a path that can never hold a spool."""
+    cause = error.__cause__ if isinstance(error.__cause__, sqlite3.Error) else error
+    code = getattr(cause, "sqlite_errorcode", None)
+    return (code is not None and (code & 0xFF) in (sqlite3.SQLITE_FULL, sqlite3.SQLITE_IOERR)) or \
+        getattr(error, "errno", None) in (errno.ENOSPC, errno.EIO)
 
 
 def _is_damage(error: BaseException) -> bool:
