@@ -191,31 +191,44 @@ class Service:
         notify.stopping()
         deadline = time.monotonic() + self.cfg.agent.stop_timeout_s
         # A producer waiting on a full queue notices the stop within 0.1 s; one blocked in a camera
-        # read is not waited for: what it still captures is picked up below.
+        # read is not waited for longer: a frame it still delivers is picked up after the drain.
         self.source.stop(timeout=1.0)
         queued = self.source.take_queued()
-        if queued and drain:
-            self._drain(queued, deadline - _FLUSH_SHARE * self.cfg.agent.stop_timeout_s)
+        if drain:
+            judge_until = deadline - _FLUSH_SHARE * self.cfg.agent.stop_timeout_s
+            while queued:
+                self._drain(queued, judge_until)
+                queued = self.source.take_queued()
         elif queued:
             log.info("%d frame(s) read ahead by the source were not taken", len(queued))
         final = self.health_report()
+        self.publisher.publish_health(final)
+        log.info("health: %s", json.dumps(final, separators=(",", ":")))
+        flushed = self.publisher.stop(max(0.5, deadline - time.monotonic()))
+        self.spool.close()
+        log.info("stopped after %d frames (%d ok, %d ng, %d error, %d not inspected); spool %s",
+                 self.health.frames, self.health.ok, self.health.ng, self.health.errors, self.unjudged,
+                 "empty" if flushed else "kept for next start")
+
     def _drain(self, queued: list[Frame], judge_until: float) -> None:
         """Captured frames are parts that passed the camera: inspect them while time allows, and
         give the rest an error verdict rather than silence."""
         log.info("stopping: %d captured frame(s) still to judge", len(queued))
+        late = []
         for frame in queued:
             notify.watchdog()
             if time.monotonic() < judge_until:
                 self._inspect(frame)
                 continue
-            self.unjudged += 1
+            late.append(frame.id)
             verdict = self.inspector.error_verdict(
                 frame, "not inspected: the agent was stopped before this frame could be scored")
             self.publisher.publish_verdict(verdict, None)
             self.health.record(verdict, 0.0)
-        if self.unjudged:
-            log.warning("stopping: %d captured frame(s) not inspected in time (error verdicts sent): %s",
-                        self.unjudged, ", ".join(f.id for f in queued[-self.unjudged:][:10]))
+        self.unjudged += len(late)
+        if late:
+            log.warning("stopping: %d captured frame(s) not inspected in time (error verdicts sent): %s%s",
+                        len(late), ", ".join(late[:10]), ", ..." if len(late) > 10 else "")
 
     def health_report(self) -> dict[str, Any]:
         return self.health.report(agent=self.cfg.agent.name, model_id=self.bundle.manifest.model_id,
