@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import json
+import os
 import signal
 import sqlite3
 import subprocess
@@ -37,13 +38,14 @@ def small_fs(tmp_path: Path) -> Iterator[Path]:
 def fill(fs: Path) -> Path:
     """Fill ``fs`` to the last byte with one file; removing it gives the space back."""
     filler = fs / "filler"
-    with open(filler, "wb") as f:
-        try:
-            while True:
-                f.write(b"\0" * 4096)
-                f.flush()
-        except OSError as e:
-            assert e.errno == errno.ENOSPC
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+    try:
+        while True:
+            os.write(fd, b"\0" * 4096)
+    except OSError as e:
+        assert e.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
     return filler
 
 
