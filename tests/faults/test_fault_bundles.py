@@ -12,7 +12,7 @@ import cv2
 import pytest
 
 from engines.bundle import load_bundle
-from helpers import REPO, one_line_error, run_agent, synthetic, write_config
+from fault_helpers import REPO, one_line_error, run_agent, synthetic, write_config
 
 pytestmark = pytest.mark.slow
 

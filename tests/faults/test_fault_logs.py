@@ -8,7 +8,8 @@ import subprocess
 
 import pytest
 
-from helpers import Agent, synthetic, verdicts, wait_until, write_config
+from fault_helpers import Agent, synthetic, verdicts, wait_until, write_config
+from mqtt_client import subscribers  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 

@@ -6,7 +6,8 @@ import shutil
 
 import pytest
 
-from helpers import run_agent, verdicts, wait_until, write_config
+from fault_helpers import run_agent, verdicts, wait_until, write_config
+from mqtt_client import subscribers  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from helpers import check_config, one_line_error, run_agent, synthetic, write_config
+from fault_helpers import check_config, one_line_error, run_agent, synthetic, write_config
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 
 from calibration.synthetic import synthetic_part
-from helpers import Agent, verdicts, wait_until, write_config
+from fault_helpers import Agent, verdicts, wait_until, write_config
+from mqtt_client import subscribers  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Running the real ``run`` command against a real Mosquitto, and reading what it left behind.
+"""For the fault matrix: the real ``run`` command against a real Mosquitto, and what it left behind.
 
 An ``Agent`` is the service in a subprocess; a thread collects its log lines (stderr) so a test
 can wait on a line, send a signal and read the final health record, which the service logs as
