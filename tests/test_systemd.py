@@ -24,7 +24,9 @@ def test_service_contract() -> None:
     assert int(s["WatchdogSec"]) > 0
     assert s["Restart"] == "on-failure"
     assert "run --config" in s["ExecStart"]
-    assert s["RestartPreventExitStatus"] == "2"  # config errors exit 2 (agent/cli.py EXIT_USAGE)
+    from agent import exit_codes
+
+    assert s["RestartPreventExitStatus"] == str(exit_codes.CONFIG)
     assert s["NoNewPrivileges"] == "yes" and s["ProtectSystem"] == "strict"
 
 
