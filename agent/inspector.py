@@ -14,7 +14,7 @@ import numpy as np
 
 from agent.frames import Frame
 from agent.verdict import ModelInfo, Region, Verdict
-from calibration.thresholds import Normalizer
+from engines.decision import Normalizer
 from engines.bundle import Bundle
 from engines.scorer import Scorer
 

@@ -18,7 +18,7 @@ from engines.autoencoder import (PIXEL_CHANNELS, FeatureAutoencoder, PixelAutoen
 from engines.network import feature_network
 
 if TYPE_CHECKING:
-    from agent.config import ModelConfig
+    from calibration.settings import ModelConfig
     from calibration.images import TrainImages
 
 # SSIM window: 11 px, sigma 1.5 on pixels (Wang et al.); a feature grid is 8x coarser, so 5 cells.

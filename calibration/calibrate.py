@@ -11,11 +11,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from agent.config import ModelConfig
+from calibration.settings import ModelConfig
 from calibration.data import read_image, train_samples
 from calibration.fit import get_fitter
 from calibration.images import TrainImages
-from calibration.thresholds import Normalizer, choose_threshold
+from calibration.thresholds import choose_threshold
+from engines.decision import Normalizer
 from engines.backbones import NORMALISATION
 from engines.bundle import MANIFEST, Bundle, Manifest, load_bundle, write_manifest, write_tensors
 from engines.export import export_onnx
@@ -60,7 +61,7 @@ def _check_settings(cfg: ModelConfig) -> None:
         raise ValueError(f"model.tiling.stats: per_position is supported by method padim, not {cfg.method!r}; "
                          "use shared")
     if cfg.mask.kind == "features":
-        from agent.masks import check_detector
+        from engines.masks import check_detector
 
         check_detector(cfg.mask.detector)
 
@@ -93,7 +94,7 @@ def _write_bundle(data: Path, path: Path, cfg: ModelConfig, progress: bool) -> M
                         head=result.head, postprocess={"blur_sigma": cfg.blur_sigma},
                         tiling=cfg.tiling.model_dump(), score_stats={"fit": result.info})
     if cfg.mask.kind != "none":
-        from agent.masks import fit_mask
+        from calibration.masks import fit_mask
 
         manifest.mask = fit_mask(cfg.mask, fit_paths, path)
     # Scored before the threshold exists: the manifest is written (and sealed) once, at the end.

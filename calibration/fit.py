@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any, Callable
 import torch
 
 if TYPE_CHECKING:
-    from agent.config import ModelConfig
+    from calibration.settings import ModelConfig
     from calibration.images import TrainImages
 
 

@@ -29,7 +29,7 @@ from engines.gan import DISC_CHANNELS, AlganFeatures, AlganPixels, Discriminator
 from engines.network import feature_network
 
 if TYPE_CHECKING:
-    from agent.config import ModelConfig
+    from calibration.settings import ModelConfig
     from calibration.images import TrainImages
 
 

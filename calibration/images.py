@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from agent.tiling import TilingConfig, iter_tiles, make_grid, prepare_frame
+from engines.tiling import TilingConfig, iter_tiles, make_grid, prepare_frame
 from calibration.data import read_image
 
 

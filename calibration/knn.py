@@ -19,7 +19,7 @@ from engines.knn import greedy_coreset
 from engines.network import feature_network
 
 if TYPE_CHECKING:
-    from agent.config import ModelConfig
+    from calibration.settings import ModelConfig
     from calibration.images import TrainImages
 
 # Patch features held while fitting (fp16), before the coreset: 1 GiB is ~2.3 M patches of 232

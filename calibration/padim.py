@@ -6,13 +6,13 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from agent.tiling import mosaic
+from engines.tiling import mosaic
 from calibration.fit import FitResult, register_fitter
 from engines.mahalanobis import GaussianAccumulator
 from engines.network import feature_network
 
 if TYPE_CHECKING:
-    from agent.config import ModelConfig
+    from calibration.settings import ModelConfig
     from calibration.images import TrainImages
 
 

@@ -16,14 +16,12 @@ from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field
-from scipy import stats
 
 from engines.settings import Settings
 
 from calibration.metrics import f1_max_threshold
 
 __all__ = [
-    "Normalizer",
     "ThresholdConfig",
     "ThresholdResult",
     "choose_threshold",
@@ -66,42 +64,6 @@ class ThresholdResult:
         return asdict(self)
 
 
-@dataclass
-class Normalizer:
-    """Maps a raw score so that `center` (the median good score) is 0 and `threshold` is 1.
-
-    Unclipped: a normalised score >= 1.0 means NG, whatever the method's raw scale.
-    """
-
-    threshold: float
-    center: float
-
-    def __post_init__(self) -> None:
-        if not self.threshold > self.center:
-            raise ValueError(
-                f"normalizer threshold {self.threshold} must be above its center {self.center} "
-                "(the median good score)"
-            )
-
-    @classmethod
-    def fit(cls, threshold: float, good_scores: np.ndarray) -> Normalizer:
-        return cls(threshold=float(threshold), center=float(np.median(_as_scores(good_scores))))
-
-    def normalize(self, score: float | np.ndarray) -> float | np.ndarray:
-        normalized = (np.asarray(score, np.float64) - self.center) / (self.threshold - self.center)
-        return float(normalized) if normalized.ndim == 0 else normalized
-
-    def to_dict(self) -> dict[str, float]:
-        return {"threshold": self.threshold, "center": self.center}
-
-    @classmethod
-    def from_dict(cls, record: dict[str, Any]) -> Normalizer:
-        missing = [key for key in ("threshold", "center") if key not in record]
-        if missing:
-            raise ValueError(f"normalizer record is missing key(s) {missing}: {record!r}")
-        return cls(threshold=float(record["threshold"]), center=float(record["center"]))
-
-
 def quantile_threshold(good_scores: np.ndarray, q: float) -> float:
     """The q-quantile of the good scores (linear interpolation between order statistics)."""
     if not 0 < q <= 1:
@@ -141,6 +103,8 @@ def tail_fit_threshold(good_scores: np.ndarray, false_reject_rate: float) -> flo
     exceedance = false_reject_rate / tail_probability
     if scores.size < _MIN_SAMPLES_FOR_PARETO:
         return float(base + excesses.mean() * math.log(1 / exceedance))
+    from scipy import stats  # here, not at import: the configuration is read without scipy
+
     shape, _, scale = stats.genpareto.fit(excesses, floc=0)
     return float(base + stats.genpareto.isf(exceedance, shape, loc=0, scale=scale))
 

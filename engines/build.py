@@ -168,7 +168,7 @@ def calibration_paths(data: Path, limit: int) -> list[Path]:
 
 def calibration_batches(bundle: Bundle, data: Path, limit: int, batch: int) -> Iterator[torch.Tensor]:
     """Normalised full batches, exactly as the scorer feeds the network (resized or tiled)."""
-    from agent.tiling import TilingConfig
+    from engines.tiling import TilingConfig
     from calibration.images import TrainImages
 
     m = bundle.manifest

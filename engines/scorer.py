@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from agent.tiling import Stitcher, TileGrid, TilingConfig, iter_tiles, make_grid, mosaic, prepare_frame, unmosaic
+from engines.tiling import Stitcher, TileGrid, TilingConfig, iter_tiles, make_grid, mosaic, prepare_frame, unmosaic
 from engines.bundle import Bundle
 from engines.heads import build_head
 from engines.runtimes.base import Backend
@@ -67,7 +67,7 @@ class Scorer:
         self._grid = lru_cache(maxsize=8)(self._make_grid)
         self.mask = None
         if use_mask and m.mask and m.mask.get("kind", "none") != "none":
-            from agent.masks import load_mask
+            from engines.masks import load_mask
 
             self.mask = load_mask(m.mask, bundle.path)
 

@@ -126,7 +126,7 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 def small_model_config(method: str = "padim", **overrides: object):
     """A fast configuration for tests: 128 px input, few channels."""
-    from agent.config import ModelConfig
+    from calibration.settings import ModelConfig
 
     cfg = ModelConfig(method=method, input_size=[128, 128], batch_size=8)
     cfg.padim.dims = 48

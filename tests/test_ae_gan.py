@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch import nn
 
-from agent.tiling import TilingConfig
+from engines.tiling import TilingConfig
 from calibration.calibrate import calibrate, split_train
 from calibration.data import read_image, test_samples as list_test_samples, train_samples
 from calibration.evaluate import evaluate

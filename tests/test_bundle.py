@@ -206,7 +206,7 @@ def test_recalibration_replaces_the_bundle(copy: Path, sample_data: Path) -> Non
 def test_an_unavailable_mask_detector_is_refused_and_keeps_the_bundle(copy: Path, sample_data: Path) -> None:
     import cv2
 
-    from agent.masks import MaskConfig
+    from engines.masks import MaskConfig
     from calibration.calibrate import calibrate
 
     missing = [name for name, make in (("akaze", "AKAZE_create"), ("brisk", "BRISK_create")) if not hasattr(cv2, make)]

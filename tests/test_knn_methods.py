@@ -150,7 +150,7 @@ def test_evaluate_separates_defects(knn_bundle, sample_data: Path) -> None:
 
 
 def test_tiled_patchcore_scores_the_worst_tile(tmp_path: Path) -> None:
-    from agent.tiling import TilingConfig, iter_tiles, prepare_frame
+    from engines.tiling import TilingConfig, iter_tiles, prepare_frame
     from calibration.calibrate import calibrate
     from calibration.synthetic import write_dataset
     from conftest import small_model_config

@@ -12,7 +12,8 @@ import cv2
 import numpy as np
 import pytest
 
-from agent.masks import FeatureMask, MaskConfig, RoiMask, fit_mask, load_mask, reference_object
+from calibration.masks import fit_mask, reference_object
+from engines.masks import FeatureMask, MaskConfig, RoiMask, load_mask
 from calibration.synthetic import synthetic_part
 from engines.bundle import BundleError, load_bundle, write_manifest
 from engines.runtimes.onnxruntime_backend import OrtBackend, OrtBackendConfig

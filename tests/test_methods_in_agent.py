@@ -10,7 +10,7 @@ from jsonschema import Draft202012Validator
 
 from agent.frames import Frame
 from agent.inspector import Inspector
-from agent.tiling import TilingConfig
+from engines.tiling import TilingConfig
 from calibration.calibrate import calibrate
 from calibration.data import read_image, test_samples as list_test_samples
 from engines.runtimes.onnxruntime_backend import OrtBackend, OrtBackendConfig

@@ -6,7 +6,6 @@ import pytest
 from scipy import stats
 
 from calibration.thresholds import (
-    Normalizer,
     ThresholdConfig,
     ThresholdResult,
     choose_threshold,
@@ -14,6 +13,7 @@ from calibration.thresholds import (
     quantile_threshold,
     tail_fit_threshold,
 )
+from engines.decision import Normalizer
 
 
 def test_quantile_threshold_is_exact_on_known_data() -> None:

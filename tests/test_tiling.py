@@ -6,7 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from agent.tiling import Stitcher, TilingConfig, iter_tiles, make_grid, prepare_frame
+from engines.tiling import Stitcher, TilingConfig, iter_tiles, make_grid, prepare_frame
 from calibration.calibrate import calibrate
 from calibration.data import read_image, test_samples as list_test_samples
 from engines.runtimes.onnxruntime_backend import OrtBackend, OrtBackendConfig

@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def per_position_bundle(sample_data, tmp_path_factory):
-    from agent.config import ModelConfig
+    from calibration.settings import ModelConfig
     from calibration.calibrate import calibrate
 
     cfg = ModelConfig.model_validate({"input_size": [64, 64], "padim": {"dims": 32},

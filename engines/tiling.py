@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Iterator, Literal
+from typing import TYPE_CHECKING, Iterator, Literal
 
 import cv2
 import numpy as np
-import torch
 from pydantic import Field
 
 from engines.settings import Settings
+
+if TYPE_CHECKING:
+    import torch
 
 
 class TilingConfig(Settings):

@@ -11,14 +11,7 @@ into every anomaly map before the image score:
   object mask is warped onto the frame. Otherwise the dilated convex hull of the RANSAC inliers is
   used, and with too few of them the whole frame (every fallback is counted and logged).
 
-The reference object mask (``mask.object``) is derived once, at calibration:
-``auto`` splits the reference into part and background with Otsu's threshold, but only where the
-histogram is clearly two-sided (the split explains at least ``_MIN_SEPARATION`` of the grey
-variance; a unimodal texture gives about 2/pi = 0.64); the side holding most border pixels is the
-background. A part that fills the frame (a texture: KolektorSDD, magnetic tiles) has no such
-split, and the whole reference frame is then the object, so the mask only removes what lies
-outside the reference's view. ``polygons`` uses the configured polygons drawn on the references
-(aligned parts, operator-drawn outline); ``frame`` always uses the whole reference frame.
+The references and their outlines are written at calibration (calibration/masks.py).
 """
 from __future__ import annotations
 
@@ -37,8 +30,6 @@ from engines.settings import SettingError, Settings
 
 log = logging.getLogger(__name__)
 
-_MIN_SEPARATION = 0.75      # Otsu between-class / total variance needed to call it part vs background
-_MIN_COMPONENT = 0.01       # object components smaller than this share of the frame are noise
 _RANSAC_PX = 3.0            # reprojection tolerance at the matching scale
 _MAX_SCALE_CHANGE = 2.0     # a homography scaling the part by more than this is implausible
 
@@ -230,53 +221,7 @@ class FeatureMask:
         return (ref.keypoints[[m.queryIdx for m in good]], pts[[m.trainIdx for m in good]])
 
 
-# --- calibration and loading -------------------------------------------------------------------
-
-def fit_mask(cfg: MaskConfig, good_paths: list[Path], bundle_dir: Path) -> dict[str, Any]:
-    """Write what the mask needs into ``bundle_dir`` (``mask/``); return the manifest section."""
-    section = cfg.model_dump(mode="json")
-    if cfg.kind == "roi":
-        return section
-    if cfg.kind != "features":
-        raise ValueError(f"mask.kind: no mask to fit for {cfg.kind!r}")
-    _detector(cfg.detector, cfg.max_keypoints)  # fail before writing anything
-    if not good_paths:
-        raise ValueError("mask: no good images to take references from")
-    picks = sorted({int(i) for i in np.linspace(0, len(good_paths) - 1, min(cfg.references, len(good_paths)))})
-    out = Path(bundle_dir) / "mask"
-    out.mkdir(parents=True, exist_ok=True)
-    files = []
-    for n, i in enumerate(picks):
-        grey = cv2.imread(str(good_paths[i]), cv2.IMREAD_GRAYSCALE)
-        if grey is None:
-            raise ValueError(f"{good_paths[i]}: cannot read the mask reference image")
-        obj, how = reference_object(grey, cfg)
-        _imwrite(out / f"ref_{n}.png", grey)
-        _imwrite(out / f"object_{n}.png", obj)
-        files.append({"image": f"mask/ref_{n}.png", "object": f"mask/object_{n}.png",
-                      "source": good_paths[i].name, "object_from": how,
-                      "object_share": round(float((obj > 0).mean()), 4)})
-        log.info("mask reference %d: %s, object from %s (%.0f%% of the frame)", n, good_paths[i].name, how,
-                 100 * files[-1]["object_share"])
-    section["files"] = files
-    return section
-
-
-def reference_object(grey: np.ndarray, cfg: MaskConfig) -> tuple[np.ndarray, str]:
-    """The part on a reference image as uint8 0/255, and how it was found (otsu, frame, polygons)."""
-    h, w = grey.shape
-    if cfg.object == "polygons":
-        obj = np.zeros((h, w), np.uint8)
-        cv2.fillPoly(obj, [np.round(np.asarray(p)).astype(np.int32) for p in cfg.polygons], 255)
-        if not obj.any():
-            raise ValueError(f"mask.polygons: no polygon covers any pixel of the {w} x {h} reference image")
-        return obj, "polygons"
-    if cfg.object == "auto":
-        obj = _otsu_object(grey)
-        if obj is not None:
-            return obj, "otsu"
-    return np.full((h, w), 255, np.uint8), "frame"
-
+# --- loading --------------------------------------------------------------------------------------
 
 def load_mask(section: dict[str, Any], bundle_dir: Path) -> ObjectMask:
     """The mask a bundle's manifest describes; files come from the (hash-checked) bundle."""
@@ -324,31 +269,6 @@ def _matching_view(image: np.ndarray, side: int) -> tuple[np.ndarray, float]:
     return grey, scale
 
 
-def _otsu_object(grey: np.ndarray) -> np.ndarray | None:
-    """Part vs background by Otsu, or None where the image has no clear two-sided histogram."""
-    h, w = grey.shape
-    smooth = cv2.GaussianBlur(grey, (0, 0), max(1.0, min(h, w) / 200))
-    t, fg = cv2.threshold(smooth, 0, 255, cv2.THRESH_BINARY + cv2.THRESH_OTSU)
-    values = smooth.astype(np.float64)
-    low, high = values[values <= t], values[values > t]
-    total = values.var()
-    if total == 0 or not len(low) or not len(high):
-        return None
-    between = len(low) * len(high) / values.size ** 2 * (low.mean() - high.mean()) ** 2
-    if between / total < _MIN_SEPARATION:
-        return None
-    border = np.concatenate([fg[0], fg[-1], fg[:, 0], fg[:, -1]])
-    if (border > 0).mean() > 0.5:   # the bright side touches the border most: it is the background
-        fg = 255 - fg
-    k = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (5, 5))
-    fg = cv2.morphologyEx(cv2.morphologyEx(fg, cv2.MORPH_OPEN, k), cv2.MORPH_CLOSE, k)
-    count, labels, stats, _ = cv2.connectedComponentsWithStats(fg, connectivity=8)
-    keep = [i for i in range(1, count) if stats[i, cv2.CC_STAT_AREA] >= _MIN_COMPONENT * h * w]
-    obj = np.isin(labels, keep).astype(np.uint8) * 255
-    share = (obj > 0).mean()
-    return obj if 0.02 <= share <= 0.95 else None
-
-
 def _plausible(H: np.ndarray, reference_hw: tuple[int, int]) -> bool:
     """A homography that keeps orientation, scales the part by at most _MAX_SCALE_CHANGE and bends
     the frame little; RANSAC on chance matches of a texture gives wild ones."""
@@ -380,8 +300,3 @@ def _imread(path: Path) -> np.ndarray:
     if img is None:
         raise ValueError(f"{path}: cannot read object mask file")
     return img
-
-
-def _imwrite(path: Path, image: np.ndarray) -> None:
-    if not cv2.imwrite(str(path), image):
-        raise OSError(f"{path}: cannot write")
