@@ -64,16 +64,30 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print the metrics as one JSON object on stdout")
     sp.add_argument("--report", type=Path, default=None, help="write the report (HTML, curves, heatmaps) here")
     sp.add_argument("--no-mask", action="store_true", help="score without the bundle's object mask (to compare)")
-    for name, mod in (("run", "agent.service"), ("build-engine", "engines.build"), ("bench", "engines.bench")):
-        try:
-            module = __import__(mod, fromlist=["add_arguments", "command"])
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
-            continue
-        module.add_arguments(add(name, module.command, module.__doc__.splitlines()[0]))
+    sp = add("run", cmd_run, "the service: frames from source, verdicts and heatmaps to mqtt")
+    sp.add_argument("--max-frames", type=int, default=0, help="stop after this many frames (0 = no limit)")
+    sp = add("build-engine", cmd_build_engine, "compile the bundle's network into a TensorRT plan for this GPU")
+    sp.add_argument("--model", type=Path, required=True, help="the bundle directory")
+    sp.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16")
+    sp.add_argument("--batch", type=int, default=8, help="largest batch the plan serves (profile 1..N)")
+    sp.add_argument("--data", type=Path, default=None,
+                    help="good images for INT8 calibration: DIR/train/good or a folder of images")
+    sp.add_argument("--calibration-images", type=int, default=64, help="INT8: how many good images to use")
+    sp.add_argument("--workspace-mb", type=int, default=2048, help="builder workspace memory pool limit")
+    sp = add("bench", cmd_bench, "benchmark the frame path: images/s, p50/p99 latency, stage times, peak memory")
+    sp.add_argument("--model", type=Path, required=True, help="the bundle directory")
+    sp.add_argument("--backend", default="torch,onnxruntime",
+                    help="comma list of backends (auto, onnxruntime, onnxruntime-int8, torch, torch-fp16, tensorrt)")
+    sp.add_argument("--batch", default="1,8", help="comma list of frames per call")
+    sp.add_argument("--iterations", type=int, default=20, help="timed calls per backend and batch size")
+    sp.add_argument("--warmup", type=int, default=2)
+    sp.add_argument("--data", type=Path, default=None, help="a folder of images (searched recursively)")
+    sp.add_argument("--json", action="store_true", help="print the results as one JSON object")
     return p
 
+
+# Each command imports what it needs when it runs: check-config (the unit's ExecStartPre) reads
+# the configuration without loading torch.
 
 def cmd_check_config(args: argparse.Namespace, cfg: Config) -> int:
     preflight(cfg, args.config, serving=cfg.agent.model is not None)
@@ -85,28 +99,30 @@ def cmd_calibrate(args: argparse.Namespace, cfg: Config) -> int:
     from calibration.calibrate import calibrate
 
     if args.method:
-        cfg.model.method = args.method
+        cfg.model.method = args.method  # a name: that method with its default settings
     if args.tiled:
         cfg.model.tiling.enabled = True
     preflight(cfg, args.config)
     bundle = calibrate(args.data, args.out, cfg.model, progress=sys.stderr.isatty())
     m = bundle.manifest
     print(json.dumps({"bundle": str(bundle.path), "model_id": m.model_id, "method": m.method,
-                      "threshold": m.threshold["threshold"], "fit": m.score_stats.get("fit")}))
+                      "threshold": m.decision.image_threshold, "pixel_threshold": m.decision.pixel_threshold,
+                      "fit": m.score_stats.get("fit")}))
     return 0
 
 
 def cmd_evaluate(args: argparse.Namespace, cfg: Config) -> int:
     from calibration.evaluate import evaluate, write_outputs
     from engines.bundle import load_bundle
+    from engines.pipeline import Pipeline
     from engines.runtimes import open_backend
-    from engines.scorer import Scorer
 
     bundle = load_bundle(args.model)
-    rt = cfg.runtime
-    backend, why = open_backend(bundle, args.backend or rt.backend, rt.device, rt.threads, rt.fallback)
+    if args.backend:
+        cfg.runtime.backend = args.backend
+    backend, why = open_backend(bundle, cfg.runtime)
     log.info("%s", why)
-    ev = evaluate(bundle, Scorer(bundle, backend, rt.batch_size, use_mask=not args.no_mask), args.data,
+    ev = evaluate(bundle, Pipeline(bundle, backend, cfg.runtime, use_mask=not args.no_mask), args.data,
                   progress=sys.stderr.isatty())
     summary = write_outputs(ev, bundle, backend.name, args.report)
     if args.json:
@@ -116,6 +132,24 @@ def cmd_evaluate(args: argparse.Namespace, cfg: Config) -> int:
     if args.report:
         log.info("report written to %s", args.report / "index.html")
     return 0
+
+
+def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
+    from agent.service import command
+
+    return command(args, cfg)
+
+
+def cmd_build_engine(args: argparse.Namespace, cfg: Config) -> int:
+    from engines.build import command
+
+    return command(args, cfg)
+
+
+def cmd_bench(args: argparse.Namespace, cfg: Config) -> int:
+    from engines.bench import command
+
+    return command(args, cfg)
 
 
 def _print_table(summary: dict) -> None:

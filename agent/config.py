@@ -11,42 +11,23 @@ masks, thresholds); this module composes them and turns a YAML file into them. T
 """
 from __future__ import annotations
 
-import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, model_validator
 
 from agent.mqtt import MqttConfig
-from agent.sources import SourceConfig
+from agent.sources import SOURCES, SourceSettings
 from calibration.settings import ModelConfig
-from engines.settings import ConfigPath, SettingError, Settings, dump
+from engines.runtimes import RuntimeSettings
+from engines.settings import ConfigPath, SettingError, Settings, describe, dump, line_of
 
-__all__ = ["Config", "ConfigError", "ModelConfig", "load_config", "preflight", "to_dict"]
+__all__ = ["Config", "ConfigError", "ModelConfig", "describe", "load_config", "preflight", "to_dict"]
 
 
 class ConfigError(ValueError):
     """A configuration mistake; the message is one line naming file and key."""
-
-
-class RuntimeConfig(Settings):
-    backend: Literal["auto", "tensorrt", "torch", "onnxruntime"] = Field(
-        "auto", description="auto | tensorrt | torch | onnxruntime; auto: TensorRT plan > torch CUDA > "
-                            "ONNX Runtime CPU")
-    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
-    threads: int = Field(0, ge=0, description="CPU threads; 0 = all cores")
-    fallback: bool = Field(True, description="if the chosen backend cannot start, fall back to the next one")
-    batch_size: int = Field(8, ge=1, description="tiles scored per engine call")
-    map_max_side: int = Field(1024, ge=64, description="score maps, regions and heatmaps of larger frames are "
-                                                       "computed at most this long; boxes are scaled to frame pixels")
-
-    @field_validator("device")
-    @classmethod
-    def _device(cls, v: str) -> str:
-        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
-            raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {v!r}")
-        return v
 
 
 class AgentConfig(Settings):
@@ -67,11 +48,15 @@ class AgentConfig(Settings):
 
 
 class Config(Settings):
-    model: ModelConfig = Field(default_factory=ModelConfig)
-    runtime: RuntimeConfig = Field(default_factory=RuntimeConfig)
-    source: SourceConfig = Field(default_factory=SourceConfig)
-    mqtt: MqttConfig = Field(default_factory=MqttConfig)
-    agent: AgentConfig = Field(default_factory=AgentConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig,
+                               description="calibration: how a bundle is fitted (inspection-agent calibrate)")
+    runtime: RuntimeSettings = Field(default_factory=RuntimeSettings,
+                                     description="how a bundle is run (agent, evaluate, bench)")
+    source: SOURCES.field() = Field(  # type: ignore[valid-type]
+        default_factory=lambda: SOURCES.get("synthetic").settings(),
+        description="where frames come from (inspection-agent run): kind: and that kind's own keys")
+    mqtt: MqttConfig = Field(default_factory=MqttConfig, description="delivery to PLC/SCADA (topics: see README)")
+    agent: AgentConfig = Field(default_factory=AgentConfig, description="the service")
 
 
 def load_config(path: Path | None) -> Config:
@@ -96,7 +81,7 @@ def load_config(path: Path | None) -> Config:
     try:
         return Config.model_validate(data, context={"base": path.parent})
     except ValidationError as e:
-        raise ConfigError(describe(e, path, _key_lines(text))) from None
+        raise ConfigError(describe(e, path, _key_lines(text), root=Config)) from None
 
 
 def preflight(cfg: Config, file: Path | None, *, serving: bool = False) -> None:
@@ -112,7 +97,7 @@ def preflight(cfg: Config, file: Path | None, *, serving: bool = False) -> None:
             check(getattr(cfg, section), serving)
         except SettingError as e:
             loc = (section, *e.key.split("."))
-            raise ConfigError(f"{where}{_line(lines, loc)}: {section}.{e.key}: {e.message}") from None
+            raise ConfigError(f"{where}{line_of(lines, loc)}: {section}.{e.key}: {e.message}") from None
 
 
 def to_dict(cfg: Settings) -> dict[str, Any]:
@@ -140,7 +125,7 @@ def _mqtt_files(mqtt: MqttConfig, serving: bool) -> None:
     check_files(mqtt)
 
 
-def _source_files(source: SourceConfig, serving: bool) -> None:
+def _source_files(source: SourceSettings, serving: bool) -> None:
     from agent.sources import SourceError, open_source
 
     try:
@@ -150,7 +135,7 @@ def _source_files(source: SourceConfig, serving: bool) -> None:
         raise SettingError(key, message) from None
 
 
-def _runtime_device(runtime: RuntimeConfig, serving: bool) -> None:
+def _runtime_device(runtime: RuntimeSettings, serving: bool) -> None:
     if not runtime.device.startswith("cuda"):
         return  # auto and cpu work everywhere; only an explicit GPU needs torch to look
     import torch
@@ -172,83 +157,6 @@ def _agent_bundle(agent: AgentConfig, serving: bool) -> None:
         load_bundle(agent.model)
     except BundleError as e:
         raise SettingError("model", str(e)) from None
-
-
-# --- error messages ---------------------------------------------------------------------------
-
-_EXPECTED = {
-    "int_type": "expected an integer", "int_parsing": "expected an integer",
-    "float_type": "expected a number", "float_parsing": "expected a number",
-    "bool_type": "expected true or false", "bool_parsing": "expected true or false",
-    "string_type": "expected a string", "list_type": "expected a list",
-    "model_type": "expected a mapping", "dict_type": "expected a mapping", "model_attributes_type": "expected a mapping",
-    "path_type": "expected a path",
-}
-
-_BOUNDS = {
-    "greater_than": "more than {gt}", "greater_than_equal": "at least {ge}",
-    "less_than": "less than {lt}", "less_than_equal": "at most {le}",
-    "too_short": "at least {min_length} item(s)", "too_long": "at most {max_length} item(s)",
-    "string_too_short": "at least {min_length} character(s)", "string_pattern_mismatch": "a value matching {pattern}",
-}
-
-
-def describe(error: ValidationError, file: Path | str, lines: dict[tuple, int] | None = None) -> str:
-    """One line for the first error: ``file:line: key: what was expected, got what``."""
-    err = error.errors(include_url=False)[0]
-    loc = tuple(err["loc"])
-    key = _key(loc)
-    cause = (err.get("ctx") or {}).get("error")
-    if isinstance(cause, SettingError):
-        key = f"{key}.{cause.key}" if key else cause.key
-        loc = loc + tuple(cause.key.split("."))
-        what = cause.message
-    elif err["type"] == "extra_forbidden":
-        fields = _fields_at(error.title, loc[:-1])
-        return (f"{file}{_line(lines, loc)}: unknown key '{key}'"
-                + (f" (expected one of: {', '.join(fields)})" if fields else ""))
-    elif err["type"] == "literal_error":
-        what = f"expected one of {err['ctx']['expected']}, got {err['input']!r}"
-    elif err["type"] in _EXPECTED:
-        what = f"{_EXPECTED[err['type']]}, got {_shown(err['input'])}"
-    elif err["type"] in _BOUNDS:
-        what = f"expected {_BOUNDS[err['type']].format(**err['ctx'])}, got {_shown(err['input'])}"
-    else:
-        what = f"{err['msg'][0].lower()}{err['msg'][1:]}".removeprefix("value error, ")
-        what += f", got {_shown(err['input'])}" if "got" not in what and not isinstance(err["input"], dict) else ""
-    return f"{file}{_line(lines, loc)}: {key or 'top level'}: {what}"
-
-
-def _key(loc: tuple) -> str:
-    out = ""
-    for part in loc:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else str(part))
-    return out
-
-
-def _shown(value: Any) -> str:
-    if isinstance(value, (dict, list)):
-        return type(value).__name__
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."
-
-
-def _fields_at(title: str, loc: tuple) -> list[str]:
-    model: Any = Config
-    for part in loc:
-        info = getattr(model, "model_fields", {}).get(part)
-        if info is None:
-            return []
-        model = info.annotation
-    return list(getattr(model, "model_fields", {}))
-
-
-def _line(lines: dict[tuple, int] | None, loc: tuple) -> str:
-    while lines and loc:
-        if loc in lines:
-            return f":{lines[loc]}"
-        loc = loc[:-1]
-    return ""
 
 
 def _key_lines(text: str) -> dict[tuple, int]:

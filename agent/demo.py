@@ -25,13 +25,12 @@ from paho.mqtt.enums import CallbackAPIVersion
 from agent.config import Config, ModelConfig
 from agent.mqtt import MqttConfig
 from agent.service import run
-from agent.sources import SourceConfig
 from calibration.calibrate import calibrate
 from calibration.evaluate import evaluate, write_outputs
 from calibration.synthetic import write_dataset
 from engines.bundle import BundleError, load_bundle
 from engines.runtimes import open_backend
-from engines.scorer import Scorer
+from engines.pipeline import Pipeline
 
 log = logging.getLogger("agent.demo")
 PREFIX = "demo/line1"
@@ -55,8 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         received = _Subscriber(broker.port)
         cfg = Config()
         cfg.agent.model = bundle.path
-        cfg.source = (SourceConfig(kind="folder", path=args.frames) if args.frames else
-                      SourceConfig(kind="synthetic", count=args.count, fps=args.fps, size=args.size, seed=7))
+        cfg.source = ({"kind": "folder", "path": str(args.frames)} if args.frames else
+                      {"kind": "synthetic", "count": args.count, "fps": args.fps, "size": args.size, "seed": 7})
         cfg.mqtt = MqttConfig(host="127.0.0.1", port=broker.port, topic_prefix=PREFIX, client_id="demo-agent",
                               spool_path=args.workdir / "spool.sqlite", health_interval_s=2.0)
         run(cfg, threading.Event())
@@ -80,7 +79,7 @@ def _model(workdir: Path):
         calibrate(data, bundle_dir, ModelConfig())
     bundle = load_bundle(bundle_dir)
     backend, why = open_backend(bundle)
-    ev = evaluate(bundle, Scorer(bundle, backend), data)
+    ev = evaluate(bundle, Pipeline(bundle, backend), data)
     summary = write_outputs(ev, bundle, backend.name, workdir / "report")
     log.info("evaluation (%s): image AUROC %.3f, pixel AUROC %.3f, pixel AUPR %.3f; report %s", why,
              summary["image_auroc"], summary["pixel_auroc"], summary["pixel_aupr"], workdir / "report" / "index.html")

@@ -44,8 +44,8 @@ from agent.mqtt import Publisher
 from agent.sources import FrameSource, SourceError, open_source
 from agent.spool import Spool
 from engines.bundle import Bundle, BundleError, load_bundle
+from engines.pipeline import Pipeline
 from engines.runtimes import open_backend
-from engines.scorer import Scorer
 
 __all__ = ["Service", "build", "run"]
 
@@ -53,10 +53,6 @@ log = logging.getLogger("agent.service")
 
 # Of agent.stop_timeout_s, at least this share is kept for handing the spool to the broker.
 _FLUSH_SHARE = 0.3
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-frames", type=int, default=0, help="stop after this many frames (0 = no limit)")
 
 
 def command(args: argparse.Namespace, cfg: Config) -> int:
@@ -91,12 +87,11 @@ def build(cfg: Config, config_file: Path | None = None) -> "Service":
         bundle = load_bundle(cfg.agent.model)
     except BundleError as e:
         raise ConfigError(f"{where}: agent.model: {e}") from None
-    rt = cfg.runtime
-    backend, why = open_backend(bundle, rt.backend, rt.device, rt.threads, rt.fallback)
+    backend, why = open_backend(bundle, cfg.runtime)
     log.info("model %s (%s) from %s; %s", bundle.manifest.model_id, bundle.manifest.method, bundle.path, why)
-    scorer = Scorer(bundle, backend, rt.batch_size, map_max_side=rt.map_max_side)
-    _warm_up(scorer, bundle, cfg, where)
-    inspector = Inspector(bundle, scorer, cfg.agent.heatmap, cfg.agent.heatmap_max_side, cfg.mqtt.heatmap_format)
+    pipeline = Pipeline(bundle, backend, cfg.runtime)
+    _warm_up(pipeline, bundle, cfg, where)
+    inspector = Inspector(bundle, pipeline, cfg.agent.heatmap, cfg.agent.heatmap_max_side, cfg.mqtt.heatmap_format)
     try:
         spool = Spool(cfg.mqtt.spool_path, cfg.mqtt.spool_max_messages, cfg.mqtt.spool_max_bytes)
     except OSError as e:
@@ -113,14 +108,14 @@ def build(cfg: Config, config_file: Path | None = None) -> "Service":
     return Service(cfg, bundle, backend.name, inspector, spool, publisher, source)
 
 
-def _warm_up(scorer: Scorer, bundle: Bundle, cfg: Config, where: str) -> None:
+def _warm_up(pipeline: Pipeline, bundle: Bundle, cfg: Config, where: str) -> None:
     """One frame through the whole path, so READY means the first real frame is not slow. The
     frame has the size the bundle serves: a per-tile-position bundle takes only its own."""
-    frame_hw = bundle.manifest.input.get("frame_size") or list(scorer.input_hw)
-    if cfg.source.kind == "synthetic" and bundle.manifest.tiling.get("stats") != "per_position":
+    frame_hw = bundle.manifest.frame_size
+    if cfg.source.kind == "synthetic" and not bundle.manifest.model.per_position:
         frame_hw = cfg.source.size
     try:
-        scorer.score_frame(np.zeros((int(frame_hw[0]), int(frame_hw[1]), 3), np.uint8))
+        pipeline.score_frame(np.zeros((int(frame_hw[0]), int(frame_hw[1]), 3), np.uint8))
     except ValueError as e:  # the bundle cannot score such frames (calibrated for another size)
         raise ConfigError(f"{where}: agent.model: {e}") from None
 

@@ -9,21 +9,11 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
-SCHEMA_VERSION = "1.0"
+from engines.decision import Region
+
+SCHEMA_VERSION = "1.1"
 
 Status = Literal["ok", "ng", "error"]
-
-
-@dataclass
-class Region:
-    """A connected component of the score map above the pixel threshold (frame pixels)."""
-
-    x: int
-    y: int
-    w: int
-    h: int
-    area: int
-    peak: float
 
 
 @dataclass
@@ -44,6 +34,7 @@ class Verdict:
     image_score: float | None = None
     threshold: float | None = None
     normalized_score: float | None = None
+    pixel_threshold: float | None = None
     regions: list[Region] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
     error: str | None = None

@@ -1,4 +1,15 @@
-"""Calibrating a product: fit on good images, export the engine, set the threshold, write the bundle."""
+"""Calibrating a product: fit on good images, export the engine, set the thresholds, write the bundle.
+
+    train/good -> fit split + held-out split (model.holdout, seeded)
+    fit split  -> the method's fit (engines/methods/<method>): engine weights, head statistics
+    engine     -> model.onnx (uint8 input, dynamic batch)
+    held out   -> scored through the same Pipeline as the line: the image threshold (policy on
+                  their image scores), the pixel threshold (a quantile of their map values),
+                  and the median good score (the normalised score's zero)
+
+The bundle is written beside ``out`` and swapped in only once it loads as the agent will load
+it: a calibration that fails half-way leaves the bundle the line runs untouched.
+"""
 from __future__ import annotations
 
 import logging
@@ -11,20 +22,24 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from calibration.settings import ModelConfig
 from calibration.data import read_image, train_samples
-from calibration.fit import get_fitter
 from calibration.images import TrainImages
-from calibration.thresholds import choose_threshold
-from engines.decision import Normalizer
-from engines.backbones import NORMALISATION
+from calibration.settings import ModelConfig
+from calibration.thresholds import choose_threshold, pixel_threshold
 from engines.bundle import MANIFEST, Bundle, Manifest, load_bundle, write_manifest, write_tensors
+from engines.decision import Decision
 from engines.export import export_onnx
-from engines.network import build_network
-from engines.runtimes.torch_backend import TorchBackend, TorchBackendConfig
-from engines.scorer import Scorer
+from engines.graph import build_engine
+from engines.methods import FitContext, implementation
+from engines.pipeline import Pipeline
+from engines.runtimes.torch_backend import TorchBackend, TorchSettings
 
 log = logging.getLogger(__name__)
+
+# The decision needs a threshold above the median good score; until the thresholds exist, the
+# pipeline scores the held-out images against this placeholder (never written to a bundle).
+_UNDECIDED = Decision(image_threshold=1.0, pixel_threshold=1.0, center=0.0, policy="none", false_reject_rate=0.0,
+                      pixel_quantile=1.0)
 
 
 def split_train(paths: list[Path], holdout: float, seed: int) -> tuple[list[Path], list[Path]]:
@@ -50,16 +65,17 @@ def calibrate(data: Path, out: Path, cfg: ModelConfig, progress: bool = True) ->
     except BaseException:
         shutil.rmtree(partial, ignore_errors=True)
         raise
-    log.info("threshold %.4f (%s), model %s written to %s", manifest.threshold["threshold"],
-             manifest.threshold["policy"], manifest.model_id, out)
+    d = manifest.decision
+    log.info("image threshold %.4f (%s), pixel threshold %.4f, model %s written to %s", d.image_threshold,
+             d.policy, d.pixel_threshold, manifest.model_id, out)
     return Bundle(out, manifest)
 
 
 def _check_settings(cfg: ModelConfig) -> None:
     """Settings that only fail late (after minutes of fitting) are refused first."""
-    if cfg.tiling.enabled and cfg.tiling.stats == "per_position" and cfg.method != "padim":
-        raise ValueError(f"model.tiling.stats: per_position is supported by method padim, not {cfg.method!r}; "
-                         "use shared")
+    if cfg.per_position and cfg.method.kind != "padim":
+        raise ValueError(f"model.tiling.stats: per_position is supported by method padim, not "
+                         f"{cfg.method.kind!r}; use shared")
     if cfg.mask.kind == "features":
         from engines.masks import check_detector
 
@@ -77,42 +93,47 @@ def _check_replaceable(out: Path) -> None:
 
 
 def _write_bundle(data: Path, path: Path, cfg: ModelConfig, progress: bool) -> Manifest:
+    spec = cfg.spec()
     paths = [s.path for s in train_samples(data)]
     fit_paths, val_paths = split_train(paths, cfg.holdout, cfg.seed)
-    mean, std = NORMALISATION[cfg.backbone]
-    hw = (cfg.input_size[0], cfg.input_size[1])
-    train = TrainImages(fit_paths, hw, cfg.tiling, cfg.batch_size, mean, std, progress)
-    val = TrainImages(val_paths, hw, cfg.tiling, cfg.batch_size, mean, std, progress)
-    log.info("calibrating %s on %d good images (%d held out for the threshold)", cfg.method, len(fit_paths), len(val_paths))
+    train = TrainImages(fit_paths, spec.input_hw, spec.tiling, cfg.batch_size, progress)
+    held_out = TrainImages(val_paths, spec.input_hw, spec.tiling, cfg.batch_size, progress)
+    log.info("calibrating %s on %d good images (%d held out for the thresholds)", spec.method.kind,
+             len(fit_paths), len(val_paths))
 
-    result = get_fitter(cfg.method)(cfg, train, val)
-    write_tensors(path, result.network_state, result.head_tensors)
-    export_onnx(build_network(result.network, result.network_state), path / "model.onnx", hw)
-    frame_hw = read_image(fit_paths[0]).shape[:2]
-    manifest = Manifest(method=cfg.method, network=result.network,
-                        input={"size": list(hw), "mean": list(mean), "std": list(std), "frame_size": list(frame_hw)},
-                        head=result.head, postprocess={"blur_sigma": cfg.blur_sigma},
-                        tiling=cfg.tiling.model_dump(), score_stats={"fit": result.info})
-    if cfg.mask.kind != "none":
+    context = FitContext(train, held_out, cfg.seed, cfg.weights, cfg.batch_size, progress)
+    fitted = implementation(spec.method.kind).fit(spec, context)
+    write_tensors(path, fitted.network_state, fitted.head_tensors)
+    graph = build_engine(spec)
+    graph.load_state_dict(fitted.network_state, strict=True)
+    export_onnx(graph, path / "model.onnx", spec.input_hw)
+    manifest = Manifest(model=spec, frame_size=list(read_image(fit_paths[0]).shape[:2]), decision=_UNDECIDED,
+                        score_stats={"fit": fitted.info})
+    if spec.mask.kind != "none":
         from calibration.masks import fit_mask
 
-        manifest.mask = fit_mask(cfg.mask, fit_paths, path)
-    # Scored before the threshold exists: the manifest is written (and sealed) once, at the end.
-    unsealed = Bundle(path, manifest)
+        manifest.mask_files = fit_mask(spec.mask, fit_paths, path)
 
+    # Scored before the thresholds exist: the manifest is written (and sealed) once, at the end.
+    pipeline = reference_pipeline(Bundle(path, manifest), cfg.batch_size)
     val_images = [read_image(p) for p in val_paths]
-    good = score_images(unsealed, val_images, cfg.batch_size, progress, "threshold")
+    good = score_images(pipeline, val_images, progress, "thresholds")
     defect_scores = None
     if cfg.synthetic_defects:
         from calibration.defects import synthesize_defects
 
         synthetic = synthesize_defects(val_images, cfg.synthetic_defects, np.random.default_rng(cfg.seed))
-        defect_scores = score_images(unsealed, [img for img, _ in synthetic], cfg.batch_size, progress, "synthetic")
+        defects = score_images(pipeline, [img for img, _ in synthetic], progress, "synthetic")
+        defect_scores = np.array([fs.score for fs in defects])
         manifest.score_stats["synthetic_defects"] = _stats(defect_scores)
-    chosen = choose_threshold(cfg.threshold, good, defect_scores)
-    manifest.threshold = chosen.to_dict()
-    manifest.normalizer = Normalizer.fit(chosen.threshold, good).to_dict()
-    manifest.score_stats["holdout_good"] = _stats(good)
+    good_scores = np.array([fs.score for fs in good])
+    chosen = choose_threshold(cfg.threshold, good_scores, defect_scores)
+    manifest.decision = Decision(
+        image_threshold=chosen.threshold, center=float(np.median(good_scores)), policy=chosen.policy,
+        false_reject_rate=chosen.false_reject_rate, miss_rate=chosen.miss_rate,
+        pixel_threshold=pixel_threshold([fs.map for fs in good], cfg.threshold.pixel_quantile),
+        pixel_quantile=cfg.threshold.pixel_quantile)
+    manifest.score_stats["holdout_good"] = _stats(good_scores)
     write_manifest(path, manifest)
     return load_bundle(path).manifest  # complete only if it loads as the agent will load it
 
@@ -132,12 +153,18 @@ def _swap_in(new: Path, out: Path) -> None:
     shutil.rmtree(old)
 
 
-def score_images(bundle: Bundle, images: list[np.ndarray], batch_size: int, progress: bool, desc: str) -> np.ndarray:
-    """Image scores with the torch reference runtime (CUDA where present)."""
+def reference_pipeline(bundle: Bundle, batch_size: int = 8) -> Pipeline:
+    """The pipeline on the torch reference runtime (CUDA where present), as calibration scores."""
+    from engines.runtimes import RuntimeSettings
+
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    scorer = Scorer(bundle, TorchBackend(bundle, TorchBackendConfig(device=device)), batch_size)
-    return np.array([scorer.score_frame(img).score
-                     for img in tqdm(images, desc=desc, unit="img", disable=not progress, leave=False)])
+    return Pipeline(bundle, TorchBackend(bundle, TorchSettings(), device), RuntimeSettings(batch_size=batch_size))
+
+
+def score_images(pipeline: Pipeline, images: list[np.ndarray], progress: bool, desc: str) -> list:
+    """FrameScores of ``images`` through ``pipeline``, with progress."""
+    return [pipeline.score_frame(img) for img in tqdm(images, desc=desc, unit="img", disable=not progress,
+                                                       leave=False)]
 
 
 def _stats(scores: np.ndarray) -> dict[str, float]:

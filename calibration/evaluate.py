@@ -15,7 +15,7 @@ from calibration.data import read_image, read_mask, test_samples
 from calibration.metrics import compute_metrics
 from calibration.report import write_report
 from engines.bundle import Bundle
-from engines.scorer import Scorer
+from engines.pipeline import Pipeline
 
 
 @dataclass
@@ -34,20 +34,20 @@ class Evaluation:
         overall = self.metrics["overall"].to_dict()
         return {**overall, "per_type": {k: v.to_dict() for k, v in self.metrics["per_type"].items()},
                 "model_id": bundle.manifest.model_id, "method": bundle.manifest.method, "backend": backend,
-                "threshold": bundle.manifest.threshold.get("threshold"), "ms_per_image": self.ms_per_image,
-                "tiled": bool(bundle.manifest.tiling.get("enabled")), "mask": self.mask}
+                "threshold": bundle.manifest.decision.image_threshold, "ms_per_image": self.ms_per_image,
+                "tiled": bundle.manifest.model.tiling.enabled, "mask": self.mask}
 
 
 def eval_size(bundle: Bundle, first_image_hw: tuple[int, int], longest: int = 512) -> tuple[int, int]:
     """Maps are compared at the model input size, or for tiled models at the frame's aspect."""
-    if not bundle.manifest.tiling.get("enabled"):
+    if not bundle.manifest.model.tiling.enabled:
         return bundle.manifest.input_hw
     h, w = first_image_hw
     f = min(1.0, longest / max(h, w))
     return max(1, int(round(h * f))), max(1, int(round(w * f)))
 
 
-def evaluate(bundle: Bundle, scorer: Scorer, data: Path, progress: bool = True) -> Evaluation:
+def evaluate(bundle: Bundle, pipeline: Pipeline, data: Path, progress: bool = True) -> Evaluation:
     samples = test_samples(data)
     size: tuple[int, int] | None = None
     scores, maps, masks, images = [], [], [], []
@@ -56,7 +56,7 @@ def evaluate(bundle: Bundle, scorer: Scorer, data: Path, progress: bool = True) 
         img = read_image(s.path)
         size = size or eval_size(bundle, img.shape[:2])
         t = time.perf_counter()
-        fs = scorer.score_frame(img)
+        fs = pipeline.score_frame(img)
         elapsed += time.perf_counter() - t
         scores.append(fs.score)
         maps.append(cv2.resize(fs.map, (size[1], size[0]), interpolation=cv2.INTER_LINEAR))
@@ -70,20 +70,20 @@ def evaluate(bundle: Bundle, scorer: Scorer, data: Path, progress: bool = True) 
                               progress=progress)
     return Evaluation(metrics, np.array(scores), labels, maps_arr, masks_arr, images,
                       [f"{s.defect_type}/{s.path.name}" for s in samples], 1000.0 * elapsed / len(samples),
-                      _mask_info(bundle, scorer))
+                      _mask_info(bundle, pipeline))
 
 
-def _mask_info(bundle: Bundle, scorer: Scorer) -> dict[str, Any] | None:
-    if scorer.mask is None:
+def _mask_info(bundle: Bundle, pipeline: Pipeline) -> dict[str, Any] | None:
+    if pipeline.mask is None:
         return None
-    counts = getattr(scorer.mask, "counts", None)  # feature masks count homography / hull / all frames
-    return {"kind": bundle.manifest.mask.get("kind"), "outcomes": dict(counts) if counts is not None else None}
+    counts = getattr(pipeline.mask, "counts", None)  # feature masks count homography / hull / all frames
+    return {"kind": bundle.manifest.model.mask.kind, "outcomes": dict(counts) if counts is not None else None}
 
 
 def write_outputs(ev: Evaluation, bundle: Bundle, backend: str, report: Path | None) -> dict[str, Any]:
     summary = ev.summary(bundle, backend)
     if report is not None:
         write_report(report, ev.metrics, ev.scores, ev.labels, ev.maps, ev.masks, ev.images, ev.names,
-                     bundle.manifest.threshold.get("threshold"), f"{bundle.manifest.model_id} ({backend})")
+                     bundle.manifest.decision.image_threshold, f"{bundle.manifest.model_id} ({backend})")
         (report / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

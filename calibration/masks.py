@@ -30,11 +30,11 @@ _MIN_SEPARATION = 0.75      # Otsu between-class / total variance needed to call
 _MIN_COMPONENT = 0.01       # object components smaller than this share of the frame are noise
 
 
-def fit_mask(cfg: MaskConfig, good_paths: list[Path], bundle_dir: Path) -> dict[str, Any]:
-    """Write what the mask needs into ``bundle_dir`` (``mask/``); return the manifest section."""
-    section = cfg.model_dump(mode="json")
+def fit_mask(cfg: MaskConfig, good_paths: list[Path], bundle_dir: Path) -> list[dict[str, Any]]:
+    """Write what the mask needs into ``bundle_dir`` (``mask/``); return the reference files (the
+    manifest's ``mask_files``): none for ROI polygons, which the settings hold."""
     if cfg.kind == "roi":
-        return section
+        return []
     if cfg.kind != "features":
         raise ValueError(f"mask.kind: no mask to fit for {cfg.kind!r}")
     check_detector(cfg.detector)  # fail before writing anything
@@ -56,8 +56,7 @@ def fit_mask(cfg: MaskConfig, good_paths: list[Path], bundle_dir: Path) -> dict[
                       "object_share": round(float((obj > 0).mean()), 4)})
         log.info("mask reference %d: %s, object from %s (%.0f%% of the frame)", n, good_paths[i].name, how,
                  100 * files[-1]["object_share"])
-    section["files"] = files
-    return section
+    return files
 
 
 def reference_object(grey: np.ndarray, cfg: MaskConfig) -> tuple[np.ndarray, str]:

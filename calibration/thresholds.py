@@ -1,12 +1,15 @@
-"""Threshold policies on image scores and the normalisation that puts the threshold at 1.0.
+"""Thresholds from data: the image threshold's policies and the pixel threshold.
 
-A part is NG when its score is at or above the threshold. Three policies:
+A part is NG when its image score is at or above the image threshold. Three policies:
 
 - "quantile": the q-quantile of the good scores (needs many good images for a small
   false-reject rate; it never goes beyond the largest good score seen).
 - "tail": a generalized Pareto fit to the upper tail of the good scores (peaks over
   threshold), so small false-reject targets extrapolate beyond the sample.
 - "f1": the score that maximises F1 on good plus defect scores (needs labelled defects).
+
+The pixel threshold, which cuts regions and sets heatmap colours, is a high quantile of the
+score-map values of held-out good images (``pixel_threshold``).
 """
 from __future__ import annotations
 
@@ -17,15 +20,15 @@ from typing import Any, Literal
 import numpy as np
 from pydantic import Field
 
-from engines.settings import Settings
-
 from calibration.metrics import f1_max_threshold
+from engines.settings import Settings
 
 __all__ = [
     "ThresholdConfig",
     "ThresholdResult",
     "choose_threshold",
     "f1_max_threshold",
+    "pixel_threshold",
     "quantile_threshold",
     "tail_fit_threshold",
 ]
@@ -49,6 +52,9 @@ class ThresholdConfig(Settings):
                                                                "must pass")
     false_reject_rate: float = Field(0.005, gt=0.0, lt=1.0, description="tail policy: target share of good "
                                                                         "parts rejected")
+    pixel_quantile: float = Field(0.999, gt=0.0, le=1.0, description="pixel threshold (regions, heatmap "
+                                                                     "mid-scale): this quantile of the held-out "
+                                                                     "good images' score-map values")
 
 
 @dataclass
@@ -107,6 +113,13 @@ def tail_fit_threshold(good_scores: np.ndarray, false_reject_rate: float) -> flo
 
     shape, _, scale = stats.genpareto.fit(excesses, floc=0)
     return float(base + stats.genpareto.isf(exceedance, shape, loc=0, scale=scale))
+
+
+def pixel_threshold(good_maps: list[np.ndarray], quantile: float, max_values: int = 2_000_000) -> float:
+    """The ``quantile`` of the good score maps' values (an even subsample of at most ``max_values``)."""
+    values = np.concatenate([np.asarray(m, np.float32).ravel() for m in good_maps])
+    values = values[:: max(1, values.size // max_values)]
+    return float(np.quantile(_as_scores(values, "good pixel scores"), quantile))
 
 
 def choose_threshold(

@@ -1,4 +1,4 @@
-"""compile the bundle's network into a TensorRT plan for this GPU (offline, once per device)
+"""``build-engine``: compile the bundle's network into a TensorRT plan for this GPU (offline, once per device)
 
 Steps: make sure the bundle holds the network as ONNX with a dynamic batch axis (re-exported
 from network.safetensors if not), then, where the ``tensorrt`` module imports and torch sees a
@@ -28,16 +28,6 @@ log = logging.getLogger(__name__)
 
 EXIT_UNAVAILABLE = 3  # the build cannot run on this machine (no TensorRT, no CUDA device)
 TIMING_CACHE = "timing.cache"
-
-
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", type=Path, required=True, help="the bundle directory")
-    p.add_argument("--precision", choices=PRECISIONS, default="fp16")
-    p.add_argument("--batch", type=int, default=8, help="largest batch the plan serves (profile 1..N)")
-    p.add_argument("--data", type=Path, default=None,
-                   help="good images for INT8 calibration: DIR/train/good or a folder of images")
-    p.add_argument("--calibration-images", type=int, default=64, help="INT8: how many good images to use")
-    p.add_argument("--workspace-mb", type=int, default=2048, help="builder workspace memory pool limit")
 
 
 def command(args: argparse.Namespace, cfg: Any) -> int:
@@ -77,11 +67,12 @@ def ensure_dynamic_onnx(bundle: Bundle) -> Path:
     if path.is_file() and has_dynamic_batch(path):
         return path
     from engines.export import export_onnx
-    from engines.network import build_network
+    from engines.graph import build_engine
 
     log.info("exporting %s with a dynamic batch axis", path)
-    net = build_network(bundle.manifest.network, bundle.network_state())
-    export_onnx(net, path, bundle.manifest.input_hw)
+    graph = build_engine(bundle.manifest.model)
+    graph.load_state_dict(bundle.network_state(), strict=True)
+    export_onnx(graph, path, bundle.manifest.input_hw)
     write_manifest(bundle.path, bundle.manifest)
     return path
 
@@ -112,7 +103,7 @@ def build_plan(trt: Any, bundle: Bundle, precision: str, profile: dict[str, list
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, workspace_bytes)
     opt_profile = builder.create_optimization_profile()
-    shapes = {k: (v[0], 3, h, w) for k, v in profile.items()}
+    shapes = {k: (v[0], h, w, 3) for k, v in profile.items()}  # uint8 NHWC, as the engine graph takes
     opt_profile.set_shape(inp.name, shapes["min"], shapes["opt"], shapes["max"])
     config.add_optimization_profile(opt_profile)
     if precision in ("fp16", "int8"):
@@ -124,7 +115,7 @@ def build_plan(trt: Any, bundle: Bundle, precision: str, profile: dict[str, list
         config.set_flag(trt.BuilderFlag.INT8)
         cal_batch = min(profile["max"][0], 8)
         cal_profile = builder.create_optimization_profile()
-        cal_shape = (cal_batch, 3, h, w)
+        cal_shape = (cal_batch, h, w, 3)
         cal_profile.set_shape(inp.name, cal_shape, cal_shape, cal_shape)
         config.set_calibration_profile(cal_profile)
         name = plan_name(precision, profile["max"][0], cc)
@@ -167,16 +158,23 @@ def calibration_paths(data: Path, limit: int) -> list[Path]:
 
 
 def calibration_batches(bundle: Bundle, data: Path, limit: int, batch: int) -> Iterator[torch.Tensor]:
-    """Normalised full batches, exactly as the scorer feeds the network (resized or tiled)."""
-    from engines.tiling import TilingConfig
-    from calibration.images import TrainImages
+    """uint8 (batch, H, W, 3) batches of good images, prepared exactly as the pipeline prepares
+    frames (resized or tiled); only full batches (the calibration profile has one batch size)."""
+    import cv2
+    import numpy as np
+
+    from engines.pipeline import model_inputs
 
     m = bundle.manifest
-    images = TrainImages(calibration_paths(data, limit), m.input_hw, TilingConfig(**m.tiling), batch,
-                         tuple(m.input["mean"]), tuple(m.input["std"]), progress=True)
-    for x in images.batches(desc="int8 calibration"):
-        if x.shape[0] == batch:  # the calibration profile has one fixed batch size
-            yield x
+    pending: list[np.ndarray] = []
+    for path in calibration_paths(data, limit):
+        image = cv2.imread(str(path), cv2.IMREAD_COLOR)
+        if image is None:
+            raise FileNotFoundError(f"{path}: cannot read the calibration image")
+        pending += model_inputs(image, m.input_hw, m.model.tiling)
+        while len(pending) >= batch:
+            yield torch.from_numpy(np.stack(pending[:batch]))
+            pending = pending[batch:]
 
 
 def make_calibrator(trt: Any, batches: Iterator[torch.Tensor], batch: int, cache: Path) -> Any:

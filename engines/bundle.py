@@ -1,6 +1,7 @@
 """The model bundle: a directory that holds a calibrated model as data.
 
-    manifest.json        what the model is (method, network, input, head, thresholds, ...)
+    manifest.json        what the model is: the model spec (method and its settings, backbone,
+                         taps, input, tiling, mask), the decision (thresholds), hashes, versions
     network.safetensors  the engine's weights (torch reference runtime)
     head.safetensors     the head's statistics (means, inverse covariances, memory bank, ...)
     model.onnx           the engine exported with a dynamic batch axis
@@ -25,29 +26,30 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import platform
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass
 from itertools import chain
 from pathlib import Path, PureWindowsPath
-from typing import TYPE_CHECKING, Annotated, Any, Iterable, Iterator
+from typing import TYPE_CHECKING, Annotated, Any, Iterable, Iterator, Literal
 
-from pydantic import AfterValidator, ConfigDict, Field, ValidationError, field_validator
-from pydantic_core import ErrorDetails
+from pydantic import AfterValidator, Field, ValidationError, field_validator
 
-from engines.settings import Settings
+from engines.decision import Decision, Finite
+from engines.model import ModelSpec
+from engines.settings import Settings, describe
 
 if TYPE_CHECKING:
     import torch
     from onnx import GraphProto, NodeProto, TensorProto
 
-__all__ = ["FORMAT", "HEAD", "MANIFEST", "NETWORK", "ONNX", "Bundle", "BundleError", "Manifest", "ManifestSchema",
-           "load_bundle", "model_id", "sha256", "versions", "write_manifest", "write_tensors"]
+__all__ = ["FORMAT", "HEAD", "MANIFEST", "NETWORK", "ONNX", "Bundle", "BundleError", "Manifest", "load_bundle",
+           "model_id", "sha256", "versions", "write_manifest", "write_tensors"]
 
-FORMAT = "inspection-bundle/2"
-# Format 1 ids covered only hashes and decision settings; such bundles must be recalibrated.
-OLDER_FORMATS = ("inspection-bundle/1",)
+FORMAT = "inspection-bundle/3"
+# Format 1 ids covered only hashes and decision settings; format 2 kept method settings as untyped
+# dicts and normalised outside the engine. Such bundles must be recalibrated.
+OLDER_FORMATS = ("inspection-bundle/1", "inspection-bundle/2")
 MANIFEST, NETWORK, HEAD, ONNX = "manifest.json", "network.safetensors", "head.safetensors", "model.onnx"
 
 
@@ -55,27 +57,52 @@ class BundleError(ValueError):
     pass
 
 
-@dataclass
-class Manifest:
-    method: str
-    network: dict[str, Any]          # kind and architecture: backbone, taps, pool, ...
-    input: dict[str, Any]            # size [h, w], mean, std (RGB, 0..255 scale), frame_size [h, w] calibrated on
-    head: dict[str, Any]             # method parameters the head needs
-    postprocess: dict[str, Any]      # blur_sigma
-    tiling: dict[str, Any]
-    mask: dict[str, Any] = field(default_factory=dict)        # object mask (agent/masks.py); {} = none
-    threshold: dict[str, Any] = field(default_factory=dict)   # value, policy, expected rates
-    normalizer: dict[str, Any] = field(default_factory=dict)  # center, threshold
-    score_stats: dict[str, Any] = field(default_factory=dict)
-    files: dict[str, str] = field(default_factory=dict)       # file name -> sha256
-    versions: dict[str, str] = field(default_factory=dict)
-    created: float = 0.0
-    model_id: str = ""
-    format: str = FORMAT
+def _sha256_hex(value: str) -> str:
+    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
+        raise ValueError("expected a SHA-256: 64 lowercase hex characters")
+    return value
+
+
+Sha256 = Annotated[str, AfterValidator(_sha256_hex)]
+
+
+class MaskReference(Settings):
+    image: str = Field(description="reference image, a bundle file")
+    object: str = Field(description="the part on that image, a bundle file")
+    source: str = Field(description="the good image it was taken from")
+    object_from: str = Field(description="how the part was found")
+    object_share: Finite = Field(description="share of the reference the part covers")
+
+
+class Manifest(Settings):
+    """What a bundle is; validated by the same models as the configuration (``ModelSpec``)."""
+
+    format: Literal["inspection-bundle/3"] = FORMAT
+    model: ModelSpec = Field(description="the method and its settings, backbone, taps, input, tiling, mask")
+    frame_size: list[int] = Field(description="[height, width] of the frames calibrated on")
+    decision: Decision = Field(description="the image and pixel thresholds (engines/decision.py)")
+    mask_files: list[MaskReference] = Field(default_factory=list, description="features mask: reference files")
+    score_stats: dict[str, Any] = Field(default_factory=dict, description="figures from fitting and the held-out "
+                                                                          "scores")
+    files: dict[str, Sha256] = Field(default_factory=dict, description="bundle file name (relative, /) -> SHA-256")
+    versions: dict[str, str] = Field(default_factory=dict, description="library versions that wrote the bundle")
+    created: Finite = Field(0.0, description="Unix time of calibration")
+    model_id: str = Field("", description="method-<12 hex digits of the SHA-256 of the rest of the manifest>")
+
+    @field_validator("frame_size")
+    @classmethod
+    def _frame_size(cls, v: list[int]) -> list[int]:
+        if len(v) != 2 or any(s < 1 for s in v):
+            raise ValueError(f"expected [height, width] in pixels, got {v}")
+        return v
+
+    @property
+    def method(self) -> str:
+        return self.model.method.kind
 
     @property
     def input_hw(self) -> tuple[int, int]:
-        return int(self.input["size"][0]), int(self.input["size"][1])
+        return self.model.input_hw
 
 
 @dataclass
@@ -96,120 +123,6 @@ class Bundle:
     @property
     def onnx_path(self) -> Path:
         return self.path / ONNX
-
-
-# --- the manifest's typed sections --------------------------------------------------------------
-
-def _sha256_hex(value: str) -> str:
-    if len(value) != 64 or any(c not in "0123456789abcdef" for c in value):
-        raise ValueError("expected a SHA-256: 64 lowercase hex characters")
-    return value
-
-
-def _finite(value: float) -> float:
-    if not math.isfinite(value):
-        raise ValueError("expected a finite number")
-    return value
-
-
-Sha256 = Annotated[str, AfterValidator(_sha256_hex)]
-Finite = Annotated[float, AfterValidator(_finite)]
-
-
-class InputSection(Settings):
-    size: list[int] = Field(description="model input [height, width]")
-    mean: list[float] = Field(description="per-channel mean (RGB, 0..255 scale)")
-    std: list[float] = Field(description="per-channel standard deviation (RGB, 0..255 scale)")
-    frame_size: list[int] = Field(description="[height, width] of the frames calibrated on")
-
-    @field_validator("size")
-    @classmethod
-    def _size(cls, v: list[int]) -> list[int]:
-        if len(v) != 2 or any(s % 32 or not 32 <= s <= 8192 for s in v):
-            raise ValueError(f"expected [height, width], multiples of 32 from 32 to 8192, got {v}")
-        return v
-
-    @field_validator("frame_size")
-    @classmethod
-    def _frame_size(cls, v: list[int]) -> list[int]:
-        if len(v) != 2 or any(s < 1 for s in v):
-            raise ValueError(f"expected [height, width] in pixels, got {v}")
-        return v
-
-    @field_validator("mean")
-    @classmethod
-    def _mean(cls, v: list[float]) -> list[float]:
-        if len(v) != 3 or not all(map(math.isfinite, v)):
-            raise ValueError(f"expected three finite numbers (R, G, B), got {v}")
-        return v
-
-    @field_validator("std")
-    @classmethod
-    def _std(cls, v: list[float]) -> list[float]:
-        if len(v) != 3 or not all(math.isfinite(s) and s > 0 for s in v):
-            raise ValueError(f"expected three finite numbers above 0 (R, G, B), got {v}")
-        return v
-
-
-class PostprocessSection(Settings):
-    blur_sigma: Finite = Field(ge=0.0, description="Gaussian blur of the score map, in input pixels; 0 = off")
-
-
-class ThresholdSection(Settings):
-    threshold: Finite = Field(description="image score at or above which a part is NG")
-    policy: str = Field(description="how it was chosen (calibration/thresholds.py)")
-    false_reject_rate: Finite = Field(ge=0.0, le=1.0, description="share of held-out good images at or above it")
-    miss_rate: Finite | None = Field(ge=0.0, le=1.0, description="share of defect images below it; null: none")
-
-
-class NormalizerSection(Settings):
-    threshold: Finite = Field(description="raw score normalised to 1.0")
-    center: Finite = Field(description="raw score normalised to 0.0 (median good score)")
-
-
-class MaskReference(Settings):
-    image: str = Field(description="reference image, a bundle file")
-    object: str = Field(description="the part on that image, a bundle file")
-    source: str = Field(description="the good image it was taken from")
-    object_from: str = Field(description="how the part was found")
-    object_share: Finite = Field(description="share of the reference the part covers")
-
-
-class MaskSection(Settings):
-    # The mask's own settings are agent/masks.py's MaskConfig, checked where the mask is built;
-    # the bundle checks what concerns it: which of its files the mask reads.
-    model_config = ConfigDict(extra="allow")
-
-    kind: str = Field("none", description="none | roi | features")
-    files: list[MaskReference] = Field(default_factory=list, description="features: reference files")
-
-
-class ManifestSchema(Settings):
-    """What a manifest must hold; the ``Manifest`` keeps the plain dictionaries modules read."""
-
-    format: str = Field(description=f"{FORMAT!r}")
-    method: str = Field(min_length=1, description="the method that fitted the model (padim, patchcore, ...)")
-    network: dict[str, Any] = Field(description="the engine: kind and architecture (engines/network.py)")
-    input: InputSection
-    head: dict[str, Any] = Field(description="the head's parameters (engines/heads.py)")
-    postprocess: PostprocessSection
-    tiling: dict[str, Any] = Field(description="agent/tiling.py's TilingConfig, checked where the scorer builds it")
-    mask: MaskSection
-    threshold: ThresholdSection
-    normalizer: NormalizerSection
-    score_stats: dict[str, Any] = Field(description="figures from fitting and from the held-out scores")
-    files: dict[str, Sha256] = Field(description="bundle file name (relative, /) -> SHA-256")
-    versions: dict[str, str] = Field(description="library versions that wrote the bundle")
-    created: Finite = Field(description="Unix time of calibration")
-    model_id: str = Field(description="method-<12 hex digits of the SHA-256 of the rest of the manifest>")
-
-    @field_validator("files")
-    @classmethod
-    def _payload(cls, v: dict[str, str]) -> dict[str, str]:
-        missing = [name for name in (NETWORK, HEAD) if name not in v]
-        if missing:
-            raise ValueError(f"expected {' and '.join(missing)} among the hashed files")
-        return v
 
 
 # --- writing -----------------------------------------------------------------------------------
@@ -248,10 +161,9 @@ def write_manifest(path: Path, manifest: Manifest) -> Bundle:
     manifest.files = {name: sha256(path / name) for name in files}
     manifest.versions = versions()
     manifest.created = manifest.created or time.time()
-    manifest.format = FORMAT
-    data = asdict(manifest)
+    data = manifest.model_dump(mode="json")
     mpath = path / MANIFEST
-    _validate(data, mpath)  # typed as loading checks it: a malformed manifest is never written
+    _validate(data, mpath)  # as loading checks it: a malformed manifest is never written
     manifest.model_id = data["model_id"] = model_id(data)
     mpath.write_text(json.dumps(data, indent=2, sort_keys=True, allow_nan=False))
     return Bundle(path, manifest)
@@ -262,7 +174,8 @@ def model_id(data: dict[str, Any]) -> str:
     any change to the manifest (a threshold, a hash, the tiling, ...) is a different model."""
     content = {k: v for k, v in data.items() if k != "model_id"}
     canonical = json.dumps(content, sort_keys=True, separators=(",", ":"), allow_nan=False)
-    return f"{data.get('method')}-{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"
+    method = (data.get("model") or {}).get("method", {}).get("kind", "model")
+    return f"{method}-{hashlib.sha256(canonical.encode()).hexdigest()[:12]}"
 
 
 # --- loading -----------------------------------------------------------------------------------
@@ -273,10 +186,9 @@ def load_bundle(path: Path, verify: bool = True) -> Bundle:
     path = Path(path)
     mpath = path / MANIFEST
     data = _read_manifest(mpath)
-    _validate(data, mpath)
-    files = {name: _inside(path, name) for name in data["files"]}
-    _mask_files_hashed(path, data["mask"], files)
-    manifest = Manifest(**data)
+    manifest = _validate(data, mpath)
+    files = {name: _inside(path, name) for name in manifest.files}
+    _mask_files_hashed(path, manifest, files)
     if verify:
         _check_model_id(mpath, data)
         for name, expected in manifest.files.items():
@@ -304,26 +216,16 @@ def _read_manifest(mpath: Path) -> dict[str, Any]:
     return data
 
 
-def _validate(data: dict[str, Any], mpath: Path) -> None:
+def _validate(data: dict[str, Any], mpath: Path) -> Manifest:
     # JSON mode, as a loaded manifest is validated: strict types, lists where tuples would be.
     try:
-        ManifestSchema.model_validate_json(json.dumps(data))
+        manifest = Manifest.model_validate_json(json.dumps(data))
     except ValidationError as e:
-        raise BundleError(f"{mpath}: {_describe(e.errors(include_url=False)[0])}") from None
-
-
-def _describe(err: ErrorDetails) -> str:
-    """``key: what was expected, got what`` for one pydantic error."""
-    key = "".join(f"[{p}]" if isinstance(p, int) else f".{p}" for p in err["loc"]).lstrip(".") or "top level"
-    if err["type"] == "missing":
-        return f"{key}: missing (a required key)"
-    if err["type"] == "extra_forbidden":
-        return f"{key}: unknown key"
-    what = err["msg"].removeprefix("Value error, ")
-    what = what[0].lower() + what[1:]
-    value = err["input"]
-    shown = "" if "got" in what or isinstance(value, (dict, list)) else f", got {value!r:.60}"
-    return f"{key}: {what}{shown}"
+        raise BundleError(describe(e, mpath, root=Manifest)) from None
+    missing = [name for name in (NETWORK, HEAD) if manifest.files and name not in manifest.files]
+    if missing:
+        raise BundleError(f"{mpath}: files: expected {' and '.join(missing)} among the hashed files")
+    return manifest
 
 
 def _inside(bundle: Path, name: str) -> Path:
@@ -348,12 +250,13 @@ def _inside(bundle: Path, name: str) -> Path:
     return path
 
 
-def _mask_files_hashed(bundle: Path, mask: dict[str, Any], files: dict[str, Path]) -> None:
-    for i, ref in enumerate(mask.get("files", [])):
+def _mask_files_hashed(bundle: Path, manifest: Manifest, files: dict[str, Path]) -> None:
+    for i, ref in enumerate(manifest.mask_files):
         for key in ("image", "object"):
-            if ref[key] not in files:
-                raise BundleError(f"{bundle}: mask.files[{i}].{key}: {ref[key]!r} is not among the bundle's "
-                                  "hashed files")
+            name = getattr(ref, key)
+            if name not in files:
+                raise BundleError(f"{bundle}: mask_files[{i}].{key}: {name!r} is not among the bundle's hashed "
+                                  "files")
 
 
 def _check_model_id(mpath: Path, data: dict[str, Any]) -> None:

@@ -33,6 +33,11 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+# Temporaries of one search step of a head stay under this (see the bound above).
+SEARCH_BYTES = 128 * 2**20
+# Patch features held while fitting (fp16), before the coreset: 1 GiB is ~2.3 M patches of 232
+# channels, i.e. ~2,200 images at 256 px with stride-8 taps.
+MAX_BANK_BYTES = 2**30
 # Query chunks beyond this add little to matmul efficiency but eat the bank chunk's share.
 _MAX_QUERY_CHUNK = 4096
 # Below this many bank rows per chunk, halving the query chunk is the better trade.
@@ -120,6 +125,16 @@ class KnnIndex:
             del d, b  # free the block before the merge allocates
             best = torch.cat((best, chunk_best), dim=1).topk(k, dim=1, largest=False).values
         return best
+
+
+def patches(features: Tensor) -> Tensor:
+    """(B, C, h, w) -> (B * h * w, C) float32 rows, one per patch."""
+    return features.permute(0, 2, 3, 1).reshape(-1, features.shape[1]).float()
+
+
+def sq_distances(q: Tensor, rows: Tensor) -> Tensor:
+    """Squared distances (B, R) of each query (B, D) to each of its own rows (B, R, D)."""
+    return (rows.float() - q[:, None, :]).square().sum(-1)
 
 
 def knn_distances(queries: Tensor, bank: Tensor, k: int = 1, max_bytes: int = 256 * 2**20) -> Tensor:

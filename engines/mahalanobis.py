@@ -41,7 +41,7 @@ class GaussianAccumulator:
 
 
 class MahalanobisHead(torch.nn.Module):
-    """features (B, C, h, w) -> distance map (B, h, w), every position of the whole batch in one bmm.
+    """features (B, D, h, w) -> distance map (B, h, w), every position of the whole batch in one bmm.
 
     ``factor="inverse"`` scores ``d^T S^-1 d`` with the inverse covariance; ``"cholesky"``
     stores the lower factor L of ``S^-1 = L L^T`` and scores ``||L^T d||^2``: the same size and
@@ -54,7 +54,7 @@ class MahalanobisHead(torch.nn.Module):
     ``chunk_bytes`` that stay in cache. Sums of squares are always taken in FP32.
     """
 
-    def __init__(self, mean: torch.Tensor, inv_cov: torch.Tensor, channels: torch.Tensor, half: bool = False,
+    def __init__(self, mean: torch.Tensor, inv_cov: torch.Tensor, half: bool = False,
                  factor: str = "inverse", chunk_bytes: int = 2 << 20) -> None:
         super().__init__()
         if factor not in ("inverse", "cholesky"):
@@ -67,11 +67,10 @@ class MahalanobisHead(torch.nn.Module):
         self.chunk_bytes = int(chunk_bytes)
         self.register_buffer("mean", mean.float())
         self.register_buffer("matrix", matrix.half() if half else matrix)
-        self.register_buffer("channels", channels.long())
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         b, _, h, w = features.shape
-        x = features.index_select(1, self.channels).flatten(2).permute(2, 0, 1).float()  # (P, B, D)
+        x = features.flatten(2).permute(2, 0, 1).float()  # (P, B, D)
         # Contiguous (P, B, D): a strided batch operand sends bmm down a slow per-matrix path.
         diff = (x - self.mean[:, None, :]).contiguous()
         p, _, d = diff.shape

@@ -1,7 +1,7 @@
 """Object masks: restrict scoring to the part (static ROI polygons or feature matching).
 
-Two kinds, both giving a frame-size weight map in [outside_weight, 1] that the scorer multiplies
-into every anomaly map before the image score:
+Two kinds, both giving a weight map in [outside_weight, 1] that the pipeline multiplies into the
+score map before the image score:
 
 - ``roi``: polygons from the config, in frame pixels, rasterised once per frame size.
 - ``features``: a few good images from calibration are kept in the bundle as references
@@ -223,16 +223,15 @@ class FeatureMask:
 
 # --- loading --------------------------------------------------------------------------------------
 
-def load_mask(section: dict[str, Any], bundle_dir: Path) -> ObjectMask:
-    """The mask a bundle's manifest describes; files come from the (hash-checked) bundle."""
-    cfg = MaskConfig(**{k: v for k, v in section.items() if k in MaskConfig.model_fields})
+def load_mask(cfg: MaskConfig, files: list[dict[str, Any]], bundle_dir: Path) -> ObjectMask:
+    """The mask a bundle describes: its settings and, for ``features``, its reference files (from
+    the hash-checked bundle)."""
     if cfg.kind == "roi":
         return RoiMask(cfg.polygons, cfg.outside_weight)
     if cfg.kind != "features":
-        raise ValueError(f"manifest mask.kind: expected roi or features, got {cfg.kind!r}")
-    files = section.get("files") or []
+        raise ValueError(f"mask.kind: expected roi or features, got {cfg.kind!r}")
     if not files:
-        raise ValueError(f"{bundle_dir}: manifest mask has no reference files")
+        raise ValueError(f"{bundle_dir}: the bundle's mask has no reference files")
     images = [_imread(Path(bundle_dir) / f["image"]) for f in files]
     objects = [_imread(Path(bundle_dir) / f["object"]) for f in files]
     return FeatureMask(cfg, images, objects)

@@ -42,9 +42,9 @@ class PlanManifest:
         return int(self.profile["max"][0])
 
     def shapes(self) -> dict[str, tuple[int, int, int, int]]:
-        """Input shapes of the optimisation profile: min, opt, max, each (B, 3, H, W)."""
+        """Input shapes of the optimisation profile: min, opt, max, each (B, H, W, 3) uint8."""
         h, w = self.input_hw
-        return {k: (int(v[0]), 3, h, w) for k, v in self.profile.items()}
+        return {k: (int(v[0]), h, w, 3) for k, v in self.profile.items()}
 
 
 def batch_profile(max_batch: int, opt_batch: int | None = None) -> dict[str, list[int]]:

@@ -25,7 +25,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from calibration.calibrate import score_images, split_train  # noqa: E402
+from calibration.calibrate import reference_pipeline, score_images, split_train  # noqa: E402
 from calibration.data import read_image, test_samples, train_samples  # noqa: E402
 from calibration.defects import synthesize_defects  # noqa: E402
 from calibration.metrics import f1_max_threshold  # noqa: E402
@@ -50,16 +50,20 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     bundle = load_bundle(args.model)
     progress = sys.stderr.isatty()
+    pipeline = reference_pipeline(bundle, args.batch_size)
+
+    def scores_of(images: list, desc: str) -> np.ndarray:
+        return np.array([fs.score for fs in score_images(pipeline, images, progress, desc)])
 
     _, val_paths = split_train([s.path for s in train_samples(args.data)], args.holdout, args.seed)
     val_images = [read_image(path) for path in val_paths]
-    held_out_good = score_images(bundle, val_images, args.batch_size, progress, "held-out good")
+    held_out_good = scores_of(val_images, "held-out good")
     synthetic = synthesize_defects(val_images, args.synthetic, np.random.default_rng(args.seed))
-    synthetic_scores = score_images(bundle, [img for img, _ in synthetic], args.batch_size, progress, "synthetic")
+    synthetic_scores = scores_of([img for img, _ in synthetic], "synthetic")
     from_synthetic = choose_threshold(ThresholdConfig(policy="f1"), held_out_good, synthetic_scores)
 
     samples = test_samples(args.data)
-    scores = score_images(bundle, [read_image(s.path) for s in samples], args.batch_size, progress, "test")
+    scores = scores_of([read_image(s.path) for s in samples], "test")
     labels = np.array([s.label for s in samples])
     good, defects = scores[labels == 0], scores[labels == 1]
     from_real, _ = f1_max_threshold(scores, labels)
@@ -72,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
                       "on_calibration_set": {"false_reject_rate": from_synthetic.false_reject_rate,
                                              "miss_rate": from_synthetic.miss_rate}},
         "real": rates(from_real, good, defects),
-        "bundle": {**rates(bundle.manifest.threshold["threshold"], good, defects),
-                   "policy": bundle.manifest.threshold.get("policy")},
+        "bundle": {**rates(bundle.manifest.decision.image_threshold, good, defects),
+                   "policy": bundle.manifest.decision.policy},
     }, indent=2))
     return 0
 

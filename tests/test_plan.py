@@ -46,7 +46,7 @@ def test_each_mismatch_is_refused_and_named(field: str, value: str, named: str) 
 
 def test_profile_covers_batch_one_to_n() -> None:
     m = plan_manifest()
-    assert m.shapes() == {"min": (1, 3, 128, 128), "opt": (8, 3, 128, 128), "max": (8, 3, 128, 128)}
+    assert m.shapes() == {"min": (1, 128, 128, 3), "opt": (8, 128, 128, 3), "max": (8, 128, 128, 3)}
     profile_batch_ok(m, 1)
     profile_batch_ok(m, 8)
     with pytest.raises(ValueError, match="outside the TensorRT plan's profile 1..8"):

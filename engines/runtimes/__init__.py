@@ -1,57 +1,66 @@
-"""Backend choice: ``auto`` picks TensorRT where a plan for this GPU exists, else torch on CUDA,
-else ONNX Runtime on the CPU. The choice and the reason are returned for the start-up log."""
+"""Runtime backends as plugins, and the ``runtime:`` settings that choose one.
+
+One file per backend in this package (onnxruntime, torch, tensorrt, and ``auto``, which picks
+one), each with its own typed settings and a ``PLUGINS`` record; ``BACKENDS`` finds them. The
+backend's heavy library (torch, ONNX Runtime, TensorRT) is imported when it is opened, not when
+its settings are read.
+
+``auto`` picks TensorRT where a plan for this GPU exists, else torch on CUDA, else ONNX Runtime
+on the CPU; the choice and the reason are returned for the start-up log.
+"""
 from __future__ import annotations
 
-import logging
+import re
+from typing import TYPE_CHECKING
 
-import torch
+from pydantic import Field, field_validator
 
-from engines.bundle import Bundle
+from engines.plugins import Registry
 from engines.runtimes.base import Backend, BackendError
+from engines.settings import Settings
 
-log = logging.getLogger(__name__)
+if TYPE_CHECKING:
+    from engines.bundle import Bundle
+
+__all__ = ["BACKENDS", "Backend", "BackendError", "RuntimeSettings", "open_backend"]
+
+BACKENDS = Registry("engines.runtimes", "backend")
 
 
-def open_backend(bundle: Bundle, backend: str = "auto", device: str = "auto", threads: int = 0,
-                 fallback: bool = True) -> tuple[Backend, str]:
-    """Start a backend; returns it with a one-line reason for the choice."""
-    cuda = torch.cuda.is_available() and device != "cpu"
-    order = {"auto": ["tensorrt", "torch-cuda", "onnxruntime"] if cuda else ["onnxruntime"],
-             "tensorrt": ["tensorrt"], "torch": ["torch-cuda" if cuda else "torch-cpu"],
-             "onnxruntime": ["onnxruntime"]}[backend]
-    if fallback and backend != "auto":
-        order += [b for b in (["torch-cuda"] if cuda else []) + ["onnxruntime"] if b not in order]
+class RuntimeSettings(Settings):
+    backend: BACKENDS.field() = Field(  # type: ignore[valid-type]
+        default_factory=lambda: BACKENDS.get("auto").settings(),
+        description="the backend: a name, or kind: and that backend's own keys; auto: TensorRT plan > torch "
+                    "CUDA > ONNX Runtime CPU")
+    device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
+    threads: int = Field(0, ge=0, description="CPU threads; 0 = all cores")
+    fallback: bool = Field(True, description="if the chosen backend cannot start, fall back to the next one")
+    batch_size: int = Field(8, ge=1, description="tiles scored per engine call (tiles of one or more frames)")
+    map_max_side: int = Field(1024, ge=64, description="score maps, regions and heatmaps of larger frames are "
+                                                       "computed at most this long; boxes are scaled to frame pixels")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", v):
+            raise ValueError(f"expected auto, cpu, cuda or cuda:N, got {v!r}")
+        return v
+
+
+def open_backend(bundle: "Bundle", runtime: RuntimeSettings | None = None) -> tuple[Backend, str]:
+    """Start the backend ``runtime`` names (or the next that can, with ``fallback``); returns it and a
+    one-line reason for the choice."""
+    runtime = runtime or RuntimeSettings()
+    chosen = runtime.backend.kind
+    order = [chosen] + ([k for k in ("onnxruntime",) if k != chosen] if runtime.fallback and chosen != "auto" else [])
     errors = []
-    for name in order:
+    for kind in order:
+        settings = runtime.backend if kind == chosen else BACKENDS.get(kind).settings()
         try:
-            return _start(name, bundle, device, threads), _reason(backend, name, errors, cuda)
+            backend, why = BACKENDS.load(kind).start(bundle, settings, runtime)
         except BackendError as e:
-            errors.append(f"{name}: {e}")
-            log.warning("backend %s unavailable: %s", name, e)
+            errors.append(f"{kind}: {e}")
+            continue
+        reason = f"backend={chosen} -> {backend.name}" + (f" ({why})" if why else "")
+        return backend, reason + (" after: " + "; ".join(errors) if errors else "")
     raise BackendError("no backend could start: " + "; ".join(errors))
-
-
-def _start(name: str, bundle: Bundle, device: str, threads: int) -> Backend:
-    if threads:
-        torch.set_num_threads(threads)
-    if name == "tensorrt":
-        from engines.runtimes.tensorrt_backend import TensorRTBackend, TensorRTBackendConfig
-
-        return TensorRTBackend(bundle, TensorRTBackendConfig(device="cuda" if device == "auto" else device))
-    if name in ("torch-cuda", "torch-cpu"):
-        from engines.runtimes.torch_backend import TorchBackend, TorchBackendConfig
-
-        dev = "cpu" if name == "torch-cpu" else ("cuda" if device == "auto" else device)
-        return TorchBackend(bundle, TorchBackendConfig(device=dev))
-    from engines.runtimes.onnxruntime_backend import OrtBackend, OrtBackendConfig
-
-    return OrtBackend(bundle, OrtBackendConfig(threads=threads))
-
-
-def _reason(asked: str, chosen: str, errors: list[str], cuda: bool) -> str:
-    why = f"backend={asked} -> {chosen}"
-    if asked == "auto" and not cuda:
-        why += " (no CUDA device)"
-    if errors:
-        why += " after: " + "; ".join(errors)
-    return why

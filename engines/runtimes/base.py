@@ -1,9 +1,10 @@
 """The one interface every runtime backend implements (one small file per runtime)."""
 from __future__ import annotations
 
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 class BackendError(RuntimeError):
@@ -12,8 +13,9 @@ class BackendError(RuntimeError):
 
 class Backend(Protocol):
     name: str
-    device: torch.device
+    device: "torch.device"
 
-    def run(self, x: torch.Tensor) -> list[torch.Tensor]:
-        """Normalised input batch (B, 3, H, W) float32 on ``device`` -> engine outputs on ``device``."""
+    def run(self, x: "torch.Tensor") -> list["torch.Tensor"]:
+        """A batch of uint8 (B, H, W, 3) BGR tiles (on any device) -> the engine graph's outputs, float32,
+        on ``device``."""
         ...

@@ -12,21 +12,28 @@ cannot be installed there (see docs/engines.md).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any
+import importlib
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
+from pydantic import Field
 
-from engines.bundle import Bundle
 from engines.plan import PlanManifest, PlanMismatch, find_plan
+from engines.plugins import Plugin, PluginSettings
 from engines.runtimes.base import BackendError
 
+if TYPE_CHECKING:
+    import torch
 
-@dataclass
-class TensorRTBackendConfig:
-    device: str = "cuda"
-    precision: str | None = None            # pick a plan of this precision; None = newest that fits
-    cuda_graphs: tuple[int, ...] = ()       # batch sizes to capture as CUDA graphs at start-up
+    from engines.bundle import Bundle
+    from engines.runtimes import RuntimeSettings
+
+
+class TensorRTSettings(PluginSettings):
+    kind: Literal["tensorrt"] = "tensorrt"
+    precision: Literal["fp32", "fp16", "int8"] | None = Field(
+        None, description="use a plan of this precision; null = the newest plan built for this GPU")
+    cuda_graphs: list[int] = Field(default_factory=list, description="batch sizes captured as CUDA graphs at "
+                                                                     "start-up")
 
 
 def profile_batch_ok(manifest: PlanManifest, batch: int) -> None:
@@ -40,12 +47,14 @@ def profile_batch_ok(manifest: PlanManifest, batch: int) -> None:
 class TensorRTBackend:
     name = "tensorrt"
 
-    def __init__(self, bundle: Bundle, cfg: TensorRTBackendConfig) -> None:
+    def __init__(self, bundle: "Bundle", settings: TensorRTSettings, device: str = "cuda") -> None:
+        import torch
+
         try:
             import tensorrt as trt
         except ImportError:
             raise BackendError("the tensorrt Python module is not installed") from None
-        self.device = torch.device(cfg.device)
+        self.device = torch.device(device)
         if self.device.type != "cuda" or not torch.cuda.is_available():
             raise BackendError("TensorRT needs a CUDA device and torch sees none")
         torch.cuda.init()  # torch's primary context first: TensorRT then uses it
@@ -54,7 +63,7 @@ class TensorRTBackend:
             major, minor = torch.cuda.get_device_capability(dev)
             gpu, cc = torch.cuda.get_device_name(dev), f"{major}.{minor}"
         try:
-            plan_path, self.manifest = find_plan(bundle, trt.__version__, gpu, cc, cfg.precision)
+            plan_path, self.manifest = find_plan(bundle, trt.__version__, gpu, cc, settings.precision)
         except (FileNotFoundError, PlanMismatch) as e:
             raise BackendError(str(e)) from None
         self.trt = trt
@@ -72,30 +81,31 @@ class TensorRTBackend:
         self.input_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.inputs[0]))
         self.out_dtypes = [_torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in self.outputs]
         self.graphs: dict[int, tuple[Any, torch.Tensor, list[torch.Tensor]]] = {}
-        for b in cfg.cuda_graphs:
+        for b in settings.cuda_graphs:
             self.graphs[b] = self._capture(b)
 
-    def _bind(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def _bind(self, x: "torch.Tensor") -> list["torch.Tensor"]:
         """Set the input shape and bind input and freshly allocated output tensors by address."""
         self.context.set_input_shape(self.inputs[0], tuple(x.shape))
         self.context.set_tensor_address(self.inputs[0], x.data_ptr())
         outs = []
         for name, dtype in zip(self.outputs, self.out_dtypes):
             shape = tuple(self.context.get_tensor_shape(name))
-            out = torch.empty(shape, dtype=dtype, device=self.device)
+            out = _torch().empty(shape, dtype=dtype, device=self.device)
             self.context.set_tensor_address(name, out.data_ptr())
             outs.append(out)
         return outs
 
     def _execute(self) -> None:
-        stream = torch.cuda.current_stream(self.device).cuda_stream
+        stream = _torch().cuda.current_stream(self.device).cuda_stream
         if not self.context.execute_async_v3(stream):
             raise RuntimeError("TensorRT execute_async_v3 failed (see the TensorRT log)")
 
-    def _capture(self, batch: int) -> tuple[Any, torch.Tensor, list[torch.Tensor]]:
+    def _capture(self, batch: int) -> tuple[Any, "torch.Tensor", list["torch.Tensor"]]:
+        torch = _torch()
         profile_batch_ok(self.manifest, batch)
         h, w = self.manifest.input_hw
-        static_in = torch.zeros(batch, 3, h, w, dtype=self.input_dtype, device=self.device)
+        static_in = torch.zeros(batch, h, w, 3, dtype=self.input_dtype, device=self.device)
         stream = torch.cuda.Stream(self.device)
         with torch.cuda.stream(stream):
             static_out = self._bind(static_in)
@@ -107,8 +117,12 @@ class TensorRTBackend:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         return graph, static_in, static_out
 
-    @torch.inference_mode()
-    def run(self, x: torch.Tensor) -> list[torch.Tensor]:
+    def run(self, x: "torch.Tensor") -> list["torch.Tensor"]:
+        with _torch().inference_mode():
+            return self._run(x)
+
+    def _run(self, x: "torch.Tensor") -> list["torch.Tensor"]:
+        torch = _torch()
         profile_batch_ok(self.manifest, x.shape[0])
         x = x.to(self.device, self.input_dtype).contiguous()
         captured = self.graphs.get(x.shape[0])
@@ -122,8 +136,26 @@ class TensorRTBackend:
         return [o.float() for o in outs]
 
 
-def _torch_dtype(trt: Any, dtype: Any) -> torch.dtype:
-    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32, trt.int8: torch.int8}
+def _torch_dtype(trt: Any, dtype: Any) -> "torch.dtype":
+    torch = _torch()
+    table = {trt.float32: torch.float32, trt.float16: torch.float16, trt.int32: torch.int32, trt.int8: torch.int8,
+             trt.uint8: torch.uint8}
     if dtype not in table:
         raise BackendError(f"TensorRT tensor type {dtype} is not supported by this backend")
     return table[dtype]
+
+
+def _torch() -> Any:
+    import torch
+
+    return torch
+
+
+def start(bundle: "Bundle", settings: TensorRTSettings, runtime: "RuntimeSettings") -> tuple[TensorRTBackend, str]:
+    device = "cuda" if runtime.device in ("auto", "cpu") else runtime.device
+    backend = TensorRTBackend(bundle, settings, device)
+    return backend, f"plan {backend.manifest.precision} built for {backend.manifest.gpu_name}"
+
+
+PLUGINS = [Plugin("tensorrt", TensorRTSettings, lambda: importlib.import_module(__name__),
+                  "a TensorRT 10 plan built by build-engine for this GPU (unverified here)")]

@@ -1,6 +1,8 @@
 """The training loop the learned methods share (autoencoders, GANs): seeded, with progress,
 early stopping on a criterion measured on held-out good images, on CUDA where present.
 
+Used by the methods' ``fit`` (engines/methods); calibration drives it.
+
 A method supplies one optimisation step on a batch and a validation criterion (lower is
 better); the loop shuffles, steps, validates once per epoch, keeps the best weights and stops
 after ``patience`` epochs without improvement.
@@ -19,7 +21,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from calibration.images import TrainImages
+from engines.methods import FitData
 
 log = logging.getLogger(__name__)
 
@@ -54,14 +56,13 @@ def seed_everything(seed: int) -> torch.Generator:
 
 
 @torch.inference_mode()
-def load_all(images: TrainImages, desc: str, transform: nn.Module | None = None,
+def load_all(images: FitData, desc: str, transform: Callable[[torch.Tensor], torch.Tensor],
              device: torch.device | None = None) -> torch.Tensor:
-    """Every (transformed) batch once, concatenated on the CPU: the epochs then skip decoding."""
+    """Every batch once through ``transform`` (normalisation, or the feature network), concatenated
+    on the CPU: the epochs then skip decoding."""
     out = []
     for x in images.batches(desc):
-        if transform is not None:
-            x = transform(x.to(device or "cpu")).cpu()
-        out.append(x)
+        out.append(transform(x.to(device or "cpu")).cpu())
     if not out:
         raise ValueError(f"{desc}: no training images")
     return torch.cat(out).clone()

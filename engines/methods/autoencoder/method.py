@@ -1,25 +1,29 @@
-"""Convolutional autoencoders (on pixels or on backbone features) and their residual heads.
+"""The autoencoders' networks, residual head and fit.
 
-The engine reconstructs; the head compares the reconstruction with what was reconstructed:
-``ae-l2`` as the squared error, ``ae-ssim`` as 1 - SSIM with a local Gaussian window (SSIM
-finds structural defects, such as a fine crack in a texture, that a blurry L2 residual misses).
-
-Engine outputs: on pixels ``[reconstruction]`` (the head compares with the normalised input);
-on features ``[features, reconstruction]``. The encoder and decoder are shared with the GANs
-(engines/gan.py), where the decoder is the generator.
+Engine outputs are ``[target, reconstruction]``: on pixels the normalised image and its
+reconstruction, on features the backbone features and theirs; the head compares the two. The
+encoder and decoder are shared with the GANs (the decoder is their generator). Training loss
+is the head's own residual, so the network learns to make exactly the map that scores it
+small on good parts; validation is the same loss on the held-out good images.
 """
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.backbones import FeatureNet
-from engines.heads import register_head
-from engines.network import feature_network, register_network
+from engines.backbones import NORMALISATION, FeatureNet
+from engines.graph import EngineGraph, feature_network
+from engines.methods import FitContext, Fitted
+from engines.methods.autoencoder import AutoencoderSettings
+from engines.model import ModelSpec
+from engines.training import batched, fit_loop, load_all, seed_everything, train_device
+
+# SSIM window: 11 px, sigma 1.5 on pixels (Wang et al.); a feature grid is 8x coarser, so 5 cells.
+PIXEL_WINDOW, FEATURE_WINDOW = (11, 1.5), (5, 1.0)
+
 
 # Channels per stride-2 level of the pixel encoder (the decoder mirrors them): light enough to
 # train on a 2-core CPU in minutes at 128 px, deep enough (stride 32) that the dense latent
@@ -74,7 +78,7 @@ def check_size(hw: tuple[int, int], levels: int) -> None:
 
 
 class PixelAutoencoder(nn.Module):
-    """Normalised image -> its reconstruction."""
+    """Normalised image -> [the image, its reconstruction]: the head compares the two."""
 
     def __init__(self, hw: tuple[int, int], latent_dim: int, channels: tuple[int, ...] = PIXEL_CHANNELS) -> None:
         super().__init__()
@@ -82,8 +86,11 @@ class PixelAutoencoder(nn.Module):
         self.encoder = Encoder(3, hw, channels, latent_dim)
         self.decoder = Decoder(3, hw, channels, latent_dim)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         return self.decoder(self.encoder(x))
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return x, self.reconstruct(x)
 
 
 class FeatureCoder(nn.Module):
@@ -109,15 +116,24 @@ class FeatureAutoencoder(nn.Module):
         self.features = features
         self.coder = FeatureCoder(features.channels, latent_dim)
 
+    def reconstruct(self, f: torch.Tensor) -> torch.Tensor:
+        return self.coder(f)
+
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         f = self.features(x)
         return f, self.coder(f)
 
 
-def build_autoencoder(spec: dict[str, Any]) -> nn.Module:
-    if spec.get("on_features"):
-        return FeatureAutoencoder(feature_network(spec, pretrained=False), int(spec["latent_dim"]))
-    return PixelAutoencoder(tuple(spec["input_size"]), int(spec["latent_dim"]), tuple(spec["channels"]))
+def network(spec: ModelSpec, pretrained: bool = False, weights: str | None = None) -> nn.Module:
+    settings: AutoencoderSettings = spec.method
+    if settings.on_features:
+        features = feature_network(spec, pool=1, pretrained=pretrained, weights=weights)
+        return FeatureAutoencoder(features, settings.latent_dim)
+    return PixelAutoencoder(spec.input_hw, settings.latent_dim, PIXEL_CHANNELS)
+
+
+def head(spec: ModelSpec, tensors: dict[str, torch.Tensor]) -> nn.Module:
+    return ResidualHead(spec.method, float(tensors["data_range"]))
 
 
 # --- residuals ---------------------------------------------------------------------------------
@@ -158,24 +174,67 @@ def ssim_residual(target: torch.Tensor, recon: torch.Tensor, window: torch.Tenso
 
 
 class ResidualHead(nn.Module):
-    """Engine outputs -> residual map at the engine's resolution (pixels or feature grid)."""
+    """[target, reconstruction] -> residual map at the engine's resolution (pixels or feature grid)."""
 
-    def __init__(self, params: dict[str, Any], _tensors: dict[str, torch.Tensor]) -> None:
+    def __init__(self, settings: AutoencoderSettings, data_range: float) -> None:
         super().__init__()
-        self.loss = params["loss"]
-        if self.loss not in ("l2", "ssim"):
-            raise ValueError(f"autoencoder head: unknown loss {self.loss!r} (expected 'l2' or 'ssim')")
-        self.on_features = bool(params.get("on_features", False))
-        self.data_range = float(params.get("data_range", 1.0))
-        self.register_buffer("window", gaussian_window(int(params.get("window", 11)), float(params.get("sigma", 1.5))))
+        self.ssim = settings.kind == "ae-ssim"
+        self.data_range = data_range
+        window, sigma = FEATURE_WINDOW if settings.on_features else PIXEL_WINDOW
+        self.register_buffer("window", gaussian_window(window, sigma))
 
-    def forward(self, outputs: list[torch.Tensor], inputs: torch.Tensor) -> torch.Tensor:
-        target, recon = (outputs[0], outputs[1]) if self.on_features else (inputs, outputs[0])
-        if self.loss == "l2":
-            return l2_residual(target, recon)
-        return ssim_residual(target, recon, self.window, self.data_range)
+    def forward(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        target, recon = outputs[0], outputs[1]
+        if self.ssim:
+            return ssim_residual(target, recon, self.window, self.data_range)
+        return l2_residual(target, recon)
 
 
-register_network("autoencoder", build_autoencoder)
-register_head("ae-l2", ResidualHead)
-register_head("ae-ssim", ResidualHead)
+def fit(spec: ModelSpec, context: FitContext) -> Fitted:
+    t: AutoencoderSettings = spec.method
+    device = train_device()
+    gen = seed_everything(context.seed)
+    weights = str(context.weights) if context.weights else None
+    engine = network(spec, pretrained=True, weights=weights).to(device)
+    graph = EngineGraph(engine, *NORMALISATION[spec.backbone]).to(device).eval()
+    if t.on_features:
+        # The frozen backbone runs once per image; training sees only its features.
+        prepare = lambda x: engine.features(graph.normalise(x))  # noqa: E731
+        data_range_of = feature_range
+    else:
+        prepare = graph.normalise
+        data_range_of = lambda _: 255.0 / float(min(NORMALISATION[spec.backbone][1]))  # noqa: E731
+    data = load_all(context.train, "inputs", prepare, device)
+    held = load_all(context.held_out, "inputs (held out)", prepare, device)
+    data_range = data_range_of(data)
+    head_module = ResidualHead(t, data_range).to(device)
+    trained = engine.coder if t.on_features else engine
+
+    def residual(x: torch.Tensor) -> torch.Tensor:
+        return head_module([x, engine.reconstruct(x)])
+
+    opt = torch.optim.Adam(trained.parameters(), lr=t.lr)
+
+    def step(x: torch.Tensor) -> dict[str, float]:
+        value = residual(x).mean()
+        opt.zero_grad(set_to_none=True)
+        value.backward()
+        opt.step()
+        return {"loss": value.item()}
+
+    def criterion() -> float:
+        total = sum(float(residual(x).mean()) * len(x) for x in batched(held, t.batch_size, device))
+        return total / len(held)
+
+    log = fit_loop({"coder": trained}, data, step, criterion, t.epochs, t.patience, t.batch_size, gen, device,
+                   f"{t.kind} training", context.progress)
+    state = {k: v.detach().cpu().contiguous() for k, v in graph.cpu().state_dict().items()}
+    return Fitted(network_state=state, head_tensors={"data_range": torch.tensor(data_range)},
+                  info={"samples": len(data), **log.to_dict()})
+
+
+def feature_range(data: torch.Tensor) -> float:
+    """The 0.1 %..99.9 % spread of feature values (on a strided sample: quantile has a size limit)."""
+    flat = data.flatten()
+    flat = flat[:: max(1, flat.numel() // 2 ** 20)].float()
+    return float(flat.quantile(0.999) - flat.quantile(0.001))

@@ -1,0 +1,109 @@
+"""Methods as plugins: one folder per method, holding its settings, network, head and fit.
+
+A method folder (``engines/methods/<name>/``) has two files:
+
+- ``__init__.py``: its typed settings (a ``MethodSettings`` whose ``kind`` names the method) and
+  ``PLUGINS``, the record ``METHODS`` finds. It imports no torch: the configuration reads it.
+- ``method.py``: the implementation, imported when the method is used, with three functions
+
+  - ``network(spec, pretrained, weights) -> nn.Module``: the engine network on normalised RGB
+    input (``engines.graph.EngineGraph`` puts the uint8 input handling in front of it); its
+    outputs are what the head reads;
+  - ``head(spec, tensors) -> nn.Module``: engine outputs -> score map (B, h, w), or
+    ``(map, image_score (B,))`` for a method with its own image score; ``tensors`` are the
+    bundle's head statistics (head.safetensors);
+  - ``fit(spec, context) -> Fitted``: fitting on good images (``FitContext``).
+
+Adding a method is one new folder plus its tests; nothing else changes (see
+tests/test_plugins.py, which adds one from a test file).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Iterator, Protocol
+
+from pydantic import Field
+
+from engines.plugins import Plugin, PluginSettings, Registry
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from engines.model import ModelSpec
+
+__all__ = ["METHODS", "FitContext", "FitData", "Fitted", "MethodSettings", "TrainedSettings"]
+
+METHODS = Registry("engines.methods", "method")
+
+
+class MethodSettings(PluginSettings):
+    """Base of every method's settings."""
+
+
+class TrainedSettings(MethodSettings):
+    """What every trained method (autoencoders, GANs) shares: the training run."""
+
+    epochs: int = Field(10, ge=1, description="upper bound; training stops earlier on the validation criterion")
+    batch_size: int = Field(16, ge=1, description="images per optimisation step")
+    lr: float = Field(0.001, gt=0.0, description="Adam learning rate")
+    latent_dim: int = Field(128, ge=1, description="bottleneck / latent vector size")
+    patience: int = Field(5, ge=1, description="epochs without validation improvement before stopping")
+
+
+class FitData(Protocol):
+    """Good images as the engine takes them: uint8 (N, H, W, 3) BGR tensors, model-size (resized
+    or tiles), in file order."""
+
+    def batches(self, desc: str) -> Iterator["torch.Tensor"]:
+        """Batches of images or tiles."""
+        ...
+
+    def per_image(self, desc: str) -> Iterator["torch.Tensor"]:
+        """One group per file: its tiles in grid order (or the image alone)."""
+        ...
+
+    def __len__(self) -> int:
+        """Files."""
+        ...
+
+    def inputs(self) -> int:
+        """Model inputs (images or tiles) the set yields."""
+        ...
+
+
+@dataclass
+class FitContext:
+    train: FitData                     # the images to fit on
+    held_out: FitData                  # good images kept out of the fit (validation, early stopping)
+    seed: int = 0
+    weights: Path | None = None        # the backbone's weights file (ResNets)
+    batch_size: int = 8
+    progress: bool = True
+
+
+@dataclass
+class Fitted:
+    network_state: dict[str, "torch.Tensor"]  # the engine graph's weights (network.safetensors)
+    head_tensors: dict[str, "torch.Tensor"]   # the head's statistics (head.safetensors)
+    info: dict[str, Any] = field(default_factory=dict)  # fit time, samples, epochs, ...
+
+
+class MethodImplementation(Protocol):
+    def network(self, spec: "ModelSpec", pretrained: bool = False, weights: str | None = None) -> "nn.Module": ...
+
+    def head(self, spec: "ModelSpec", tensors: dict[str, "torch.Tensor"]) -> "nn.Module": ...
+
+    def fit(self, spec: "ModelSpec", context: FitContext) -> Fitted: ...
+
+
+def implementation(kind: str) -> MethodImplementation:
+    return METHODS.load(kind)
+
+
+def plugin(kind: str, settings: type[MethodSettings], module: str, summary: str) -> Plugin:
+    """The record of a method folder: its implementation is ``module``, imported on first use."""
+    import importlib
+
+    return Plugin(kind, settings, lambda: importlib.import_module(module), summary)

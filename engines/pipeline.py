@@ -1,0 +1,275 @@
+"""The one frame path: frames in, score maps and image scores out.
+
+The service, ``evaluate``, calibration's threshold scoring and ``bench`` all score through a
+``Pipeline``, so what ``bench`` times is what the line runs:
+
+    frames (uint8 BGR or grey, any size)
+      prepare      resized to the model input, or cut into input-size tiles (host; tiles are views)
+      network      batches of the tiles of one or more frames, uint8, through the engine graph
+                   (normalisation and the network; engines/graph.py) on the backend's device
+      head         the method's score map (and its own image score) on that device
+      postprocess  upsampled to the tile size and blurred (separable Gaussian), on the device
+      stitch       a frame's tiles averaged into one map, at most ``map_max_side`` long, on the
+                   device; then one download per frame
+      mask         the object mask weights the map (host)
+
+Everything that does not depend on the frame (the head's statistics on the device, the blur
+kernel, tile grids per frame size, the mask's references) is prepared once, at start-up.
+
+The image score: the peak of the (weighted) map, or, for a method with its own image score
+(SPADE, PatchCore reweighted), that score; with an object mask, either is multiplied by the
+mask's weight at the weighted map's peak, so the mask acts on every method's score the same
+way. A tiled frame is as anomalous as its worst tile.
+
+Stage timings are wall time per stage on the CPU; on CUDA the device stages are read from CUDA
+events once the frame's map is downloaded, so no stage adds a synchronise of its own.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from functools import lru_cache
+from typing import TYPE_CHECKING
+
+import cv2
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from engines.masks import ObjectMask, load_mask
+from engines.methods import implementation
+from engines.tiling import TileGrid, make_grid, mosaic, prepare_frame, unmosaic
+
+if TYPE_CHECKING:
+    from engines.bundle import Bundle
+    from engines.runtimes import Backend, RuntimeSettings
+    from engines.tiling import TilingConfig
+
+__all__ = ["MAP_MAX_SIDE", "FrameScore", "Pipeline", "map_size", "model_inputs"]
+
+# Score maps of large frames are kept at most this long (side) by default: a 50-megapixel frame
+# would otherwise cost a 200 MB float map plus labels per frame, for no better region.
+MAP_MAX_SIDE = 1024
+
+
+@dataclass
+class FrameScore:
+    map: np.ndarray                 # float32 score map at the frame's aspect, at most map_max_side long
+    score: float                    # the image score (see the module docstring)
+    frame_hw: tuple[int, int]       # the frame's size; map pixels scale to it by frame_hw / map.shape
+    timings_ms: dict[str, float] = field(default_factory=dict)
+
+
+def map_size(frame_hw: tuple[int, int], max_side: int = MAP_MAX_SIDE) -> tuple[int, int]:
+    """The score-map size for a frame: the frame's own, or scaled down to ``max_side``."""
+    h, w = int(frame_hw[0]), int(frame_hw[1])
+    f = min(1.0, max_side / max(h, w))
+    return (h, w) if f >= 1.0 else (max(1, round(h * f)), max(1, round(w * f)))
+
+
+def model_inputs(image: np.ndarray, input_hw: tuple[int, int], tiling: "TilingConfig",
+                 grid: TileGrid | None = None) -> list[np.ndarray]:
+    """What the engine takes of a BGR image: the image resized to the model input, or its tiles
+    (views, in grid order). The one preparation, for scoring and for fitting alike."""
+    if not tiling.enabled:
+        h, w = input_hw
+        return [cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)]
+    grid = grid or make_grid(image.shape[:2], input_hw, tiling)
+    padded = prepare_frame(image, grid, tiling.scale)
+    return [padded[y:y + grid.tile_h, x:x + grid.tile_w] for y, x in grid.origins]
+
+
+def gaussian_kernel(sigma: float) -> torch.Tensor:
+    radius = max(1, int(math.ceil(4 * sigma)))
+    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
+    k = torch.exp(-(x ** 2) / (2 * sigma ** 2))
+    return k / k.sum()
+
+
+@dataclass
+class _Frame:
+    """One frame on its way through: its tiles, and where its map is being assembled."""
+
+    image: np.ndarray
+    hw: tuple[int, int]
+    grid: TileGrid | None           # None: the whole frame resized to one input
+    tiles: list[np.ndarray]
+    acc: torch.Tensor | None = None
+    weight: torch.Tensor | None = None
+    head_score: float | None = None
+
+
+class Pipeline:
+    def __init__(self, bundle: "Bundle", backend: "Backend", runtime: "RuntimeSettings | None" = None,
+                 use_mask: bool = True) -> None:
+        m = bundle.manifest
+        self.bundle, self.backend = bundle, backend
+        self.device = backend.device
+        self.batch_size = runtime.batch_size if runtime is not None else 8
+        self.map_max_side = runtime.map_max_side if runtime is not None else MAP_MAX_SIDE
+        self.input_hw = m.input_hw
+        self.tiling = m.model.tiling
+        self.head = implementation(m.method).head(m.model, bundle.head_tensors()).to(self.device).eval()
+        sigma = m.model.blur_sigma
+        self.kernel = gaussian_kernel(sigma).to(self.device) if sigma > 0 else None
+        self._grid = lru_cache(maxsize=8)(lambda hw: make_grid(hw, self.input_hw, self.tiling))
+        self.mask: ObjectMask | None = None
+        if use_mask and m.model.mask.kind != "none":
+            self.mask = load_mask(m.model.mask, [r.model_dump() for r in m.mask_files], bundle.path)
+
+    def score_frame(self, image: np.ndarray) -> FrameScore:
+        return self.score([image])[0]
+
+    @torch.inference_mode()
+    def score(self, images: list[np.ndarray]) -> list[FrameScore]:
+        """Score maps and image scores of ``images``, their tiles batched together."""
+        clock = _Clock(self.device)
+        frames = [self._prepare(img) for img in images]
+        clock.lap("prepare")
+        if self.tiling.enabled and self.tiling.stats == "per_position":
+            for frame in frames:
+                self._score_per_position(frame, clock)
+        else:
+            self._score_tiles(frames, clock)
+        maps = self._download(frames, clock)
+        out = [self._finish(frame, m, clock) for frame, m in zip(frames, maps)]
+        per_frame = {k: v / len(frames) for k, v in clock.totals().items()}
+        for fs in out:
+            fs.timings_ms = dict(per_frame)
+        return out
+
+    # -- stages ---------------------------------------------------------------------------------
+
+    def _prepare(self, image: np.ndarray) -> _Frame:
+        bgr = image if image.ndim == 3 else cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
+        hw = (int(bgr.shape[0]), int(bgr.shape[1]))
+        grid = self._grid(hw) if self.tiling.enabled else None
+        return _Frame(bgr, hw, grid, model_inputs(bgr, self.input_hw, self.tiling, grid))
+
+    def _score_tiles(self, frames: list[_Frame], clock: "_Clock") -> None:
+        """Every tile of every frame, in batches that may span frames; each tile map goes to its frame."""
+        owners = [(f, i) for f in frames for i in range(len(f.tiles))]
+        for start in range(0, len(owners), self.batch_size):
+            chunk = owners[start:start + self.batch_size]
+            outputs = self.backend.run(torch.from_numpy(np.stack([f.tiles[i] for f, i in chunk])))
+            clock.lap("network", device=True)
+            raw, scores = self._head(outputs)
+            clock.lap("head", device=True)
+            maps = self._postprocess(raw)
+            clock.lap("postprocess", device=True)
+            for k, (frame, i) in enumerate(chunk):
+                self._place(frame, i, maps[k])
+                if scores is not None:
+                    frame.head_score = max(frame.head_score or -math.inf, float(scores[k]))
+            clock.lap("stitch", device=True)
+
+    def _score_per_position(self, frame: _Frame, clock: "_Clock") -> None:
+        """Aligned parts: every tile position has its own statistics, so a frame's tiles go to the
+        head together, as one mosaic."""
+        features = []
+        for start in range(0, len(frame.tiles), self.batch_size):
+            batch = torch.from_numpy(np.stack(frame.tiles[start:start + self.batch_size]))
+            features.append(self.backend.run(batch)[0])
+        clock.lap("network", device=True)
+        raw, _ = self._head([mosaic(torch.cat(features))])
+        clock.lap("head", device=True)
+        maps = self._postprocess(unmosaic(raw, len(frame.tiles)))
+        clock.lap("postprocess", device=True)
+        for i, m in enumerate(maps):
+            self._place(frame, i, m)
+        clock.lap("stitch", device=True)
+
+    def _head(self, outputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        raw = self.head(outputs)
+        return raw if isinstance(raw, tuple) else (raw, None)
+
+    def _postprocess(self, raw: torch.Tensor) -> torch.Tensor:
+        up = F.interpolate(raw[:, None].float(), size=self.input_hw, mode="bilinear", align_corners=False)
+        if self.kernel is not None:
+            r = self.kernel.numel() // 2
+            up = F.pad(up, (r, r, r, r), mode="reflect")
+            up = F.conv2d(F.conv2d(up, self.kernel.view(1, 1, 1, -1)), self.kernel.view(1, 1, -1, 1))
+        return up[:, 0]
+
+    def _place(self, frame: _Frame, index: int, tile_map: torch.Tensor) -> None:
+        if frame.grid is None:
+            frame.acc = tile_map
+            return
+        if frame.acc is None:
+            frame.acc = torch.zeros(frame.grid.height, frame.grid.width, device=tile_map.device)
+            frame.weight = torch.zeros_like(frame.acc)
+        y, x = frame.grid.origins[index]
+        frame.acc[y:y + frame.grid.tile_h, x:x + frame.grid.tile_w] += tile_map
+        frame.weight[y:y + frame.grid.tile_h, x:x + frame.grid.tile_w] += 1.0
+
+    def _download(self, frames: list[_Frame], clock: "_Clock") -> list[np.ndarray]:
+        """Each frame's map, cropped to the frame and resized to its map size on the device, then
+        brought to the host: one small copy per frame."""
+        out = []
+        for frame in frames:
+            m = frame.acc
+            if frame.grid is not None:
+                m = m / frame.weight.clamp_min(1.0)
+                m = m[: round(frame.hw[0] * self.tiling.scale), : round(frame.hw[1] * self.tiling.scale)]
+            size = map_size(frame.hw, self.map_max_side)
+            if tuple(m.shape) != size:
+                m = F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]
+            out.append(m)
+        clock.lap("stitch", device=True)
+        host = [m.cpu().numpy() for m in out]
+        clock.lap("download", device=True)
+        clock.settle()
+        return host
+
+    def _finish(self, frame: _Frame, score_map: np.ndarray, clock: "_Clock") -> FrameScore:
+        if self.mask is None:
+            score = float(score_map.max()) if frame.head_score is None else frame.head_score
+            return FrameScore(score_map, score, frame.hw)
+        t = time.perf_counter()
+        weights = self.mask.weights(frame.image, score_map.shape)
+        weighted = score_map * weights
+        peak = np.unravel_index(int(np.argmax(weighted)), weighted.shape)
+        score = float(weighted[peak]) if frame.head_score is None else frame.head_score * float(weights[peak])
+        clock.add("mask", (time.perf_counter() - t) * 1000.0)
+        return FrameScore(weighted, score, frame.hw)
+
+
+class _Clock:
+    """Stage times (ms). Host stages are wall time between laps; on CUDA, stages marked ``device``
+    are timed by CUDA events, read after the download (which waits for the device anyway)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self.cuda = device.type == "cuda"
+        self.t = time.perf_counter()
+        self.times: dict[str, float] = {}
+        self.events: list[tuple[str | None, torch.cuda.Event]] = []  # (device stage or None, its end)
+        if self.cuda:
+            self.events.append((None, self._event()))
+
+    def lap(self, stage: str, device: bool = False) -> None:
+        now = time.perf_counter()
+        if self.cuda:
+            self.events.append((stage if device else None, self._event()))
+        if not (self.cuda and device):
+            self.add(stage, (now - self.t) * 1000.0)
+        self.t = now
+
+    def add(self, stage: str, ms: float) -> None:
+        self.times[stage] = self.times.get(stage, 0.0) + ms
+
+    def settle(self) -> None:
+        """Turn the recorded CUDA events into stage times (the events have completed by now)."""
+        for (_, before), (stage, after) in zip(self.events, self.events[1:]):
+            if stage is not None:
+                self.add(stage, before.elapsed_time(after))
+        self.events = self.events[-1:]
+
+    def totals(self) -> dict[str, float]:
+        return dict(self.times)
+
+    @staticmethod
+    def _event() -> torch.cuda.Event:
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
