@@ -11,6 +11,7 @@ masks, thresholds); this module composes them and turns a YAML file into them. T
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any
 
@@ -52,8 +53,8 @@ class Config(Settings):
                                description="calibration: how a bundle is fitted (inspection-agent calibrate)")
     runtime: RuntimeSettings = Field(default_factory=RuntimeSettings,
                                      description="how a bundle is run (agent, evaluate, bench)")
-    source: SOURCES.field() = Field(  # type: ignore[valid-type]
-        default_factory=lambda: SOURCES.get("synthetic").settings(),
+    source: SOURCES.field("synthetic") = Field(  # type: ignore[valid-type]
+        default_factory=SOURCES.default_settings("synthetic"),
         description="where frames come from (inspection-agent run): kind: and that kind's own keys")
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="delivery to PLC/SCADA (topics: see README)")
     agent: AgentConfig = Field(default_factory=AgentConfig, description="the service")

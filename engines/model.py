@@ -19,8 +19,8 @@ __all__ = ["ModelSpec"]
 
 
 class ModelSpec(Settings):
-    method: METHODS.field() = Field(  # type: ignore[valid-type]
-        default_factory=lambda: METHODS.get("padim").settings(),
+    method: METHODS.field("padim") = Field(  # type: ignore[valid-type]
+        default_factory=METHODS.default_settings("padim"),
         description="the method: a name, or kind: and that method's own keys")
     backbone: Literal["efficientnet_lite0", "resnet18", "wide_resnet50_2"] = Field(
         "efficientnet_lite0", description="efficientnet_lite0 (ImageNet weights bundled) | resnet18 | "

@@ -39,7 +39,7 @@ import torch.nn.functional as F
 
 from engines.masks import ObjectMask, load_mask
 from engines.methods import implementation
-from engines.tiling import TileGrid, make_grid, mosaic, prepare_frame, unmosaic
+from engines.tiling import Stitcher, TileGrid, make_grid, mosaic, tiles_of, unmosaic
 
 if TYPE_CHECKING:
     from engines.bundle import Bundle
@@ -75,9 +75,7 @@ def model_inputs(image: np.ndarray, input_hw: tuple[int, int], tiling: "TilingCo
     if not tiling.enabled:
         h, w = input_hw
         return [cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)]
-    grid = grid or make_grid(image.shape[:2], input_hw, tiling)
-    padded = prepare_frame(image, grid, tiling.scale)
-    return [padded[y:y + grid.tile_h, x:x + grid.tile_w] for y, x in grid.origins]
+    return tiles_of(image, grid or make_grid(image.shape[:2], input_hw, tiling), tiling.scale)
 
 
 def gaussian_kernel(sigma: float) -> torch.Tensor:
@@ -95,8 +93,8 @@ class _Frame:
     hw: tuple[int, int]
     grid: TileGrid | None           # None: the whole frame resized to one input
     tiles: list[np.ndarray]
-    acc: torch.Tensor | None = None
-    weight: torch.Tensor | None = None
+    stitcher: Stitcher | None = None
+    map: torch.Tensor | None = None  # the resized frame's map (no grid)
     head_score: float | None = None
 
 
@@ -145,7 +143,8 @@ class Pipeline:
         bgr = image if image.ndim == 3 else cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
         hw = (int(bgr.shape[0]), int(bgr.shape[1]))
         grid = self._grid(hw) if self.tiling.enabled else None
-        return _Frame(bgr, hw, grid, model_inputs(bgr, self.input_hw, self.tiling, grid))
+        return _Frame(bgr, hw, grid, model_inputs(bgr, self.input_hw, self.tiling, grid),
+                      Stitcher(grid) if grid is not None else None)
 
     def _score_tiles(self, frames: list[_Frame], clock: "_Clock") -> None:
         """Every tile of every frame, in batches that may span frames; each tile map goes to its frame."""
@@ -192,26 +191,19 @@ class Pipeline:
             up = F.conv2d(F.conv2d(up, self.kernel.view(1, 1, 1, -1)), self.kernel.view(1, 1, -1, 1))
         return up[:, 0]
 
-    def _place(self, frame: _Frame, index: int, tile_map: torch.Tensor) -> None:
-        if frame.grid is None:
-            frame.acc = tile_map
-            return
-        if frame.acc is None:
-            frame.acc = torch.zeros(frame.grid.height, frame.grid.width, device=tile_map.device)
-            frame.weight = torch.zeros_like(frame.acc)
-        y, x = frame.grid.origins[index]
-        frame.acc[y:y + frame.grid.tile_h, x:x + frame.grid.tile_w] += tile_map
-        frame.weight[y:y + frame.grid.tile_h, x:x + frame.grid.tile_w] += 1.0
+    @staticmethod
+    def _place(frame: _Frame, index: int, tile_map: torch.Tensor) -> None:
+        if frame.stitcher is None:
+            frame.map = tile_map
+        else:
+            frame.stitcher.add(index, tile_map)
 
     def _download(self, frames: list[_Frame], clock: "_Clock") -> list[np.ndarray]:
         """Each frame's map, cropped to the frame and resized to its map size on the device, then
         brought to the host: one small copy per frame."""
         out = []
         for frame in frames:
-            m = frame.acc
-            if frame.grid is not None:
-                m = m / frame.weight.clamp_min(1.0)
-                m = m[: round(frame.hw[0] * self.tiling.scale), : round(frame.hw[1] * self.tiling.scale)]
+            m = frame.map if frame.stitcher is None else frame.stitcher.result(frame.hw, self.tiling.scale)
             size = map_size(frame.hw, self.map_max_side)
             if tuple(m.shape) != size:
                 m = F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]

@@ -77,11 +77,18 @@ class Registry:
         """The implementation of ``kind`` (imports it)."""
         return self.get(kind).load()
 
-    def field(self) -> Any:
-        """The pydantic type of a section holding one plugin's settings, chosen by ``kind``."""
-        return Annotated[SerializeAsAny[PluginSettings], WrapValidator(self._validate)]
+    def field(self, default: str) -> Any:
+        """The pydantic type of a section holding one plugin's settings, chosen by ``kind`` (``default``
+        where the section names none) and returned with its defaults by ``default_settings``."""
+        def validate(value: Any, handler: Any, info: ValidationInfo) -> PluginSettings:
+            return self._validate(value, default, info)
 
-    def _validate(self, value: Any, handler: Any, info: ValidationInfo) -> PluginSettings:
+        return Annotated[SerializeAsAny[PluginSettings], WrapValidator(validate)]
+
+    def default_settings(self, kind: str) -> Callable[[], PluginSettings]:
+        return lambda: self.get(kind).settings()
+
+    def _validate(self, value: Any, default: str, info: ValidationInfo) -> PluginSettings:
         if isinstance(value, PluginSettings) and value.kind in self.kinds():
             return value
         if isinstance(value, str):
@@ -89,6 +96,7 @@ class Registry:
         if not isinstance(value, dict):
             raise PydanticCustomError("model_type", "expected a mapping (or the name of a {family})",
                                       {"family": self.family})
+        value = {"kind": default, **value}
         kind = value.get("kind")
         if kind not in self.kinds():
             raise PydanticCustomError("plugin_kind", f"expected kind one of {', '.join(map(repr, self.kinds()))}, "

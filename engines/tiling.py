@@ -1,13 +1,14 @@
 """Cutting a large frame into model-size tiles with overlap, and stitching the score maps back.
 
-Serves every method, in the agent, in calibration and in evaluation. Tiles are produced
-lazily in batches, so memory stays bounded by one batch of tiles plus the frame-size map.
+Serves every method, in the agent, in calibration and in evaluation (through the pipeline).
+Tiles are views into the (scaled, padded) frame; stitching happens on the device the maps are
+on. Imports no torch: the tiling settings are part of the configuration.
 """
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Iterator, Literal
+from typing import TYPE_CHECKING, Literal
 
 import cv2
 import numpy as np
@@ -68,35 +69,33 @@ def prepare_frame(image: np.ndarray, grid: TileGrid, scale: float) -> np.ndarray
     return image
 
 
-def iter_tiles(image: np.ndarray, grid: TileGrid, batch: int) -> Iterator[tuple[list[int], list[np.ndarray]]]:
-    """Yield (tile indices, tile images) in batches; tiles are views, not copies."""
-    for i in range(0, len(grid), batch):
-        idx = list(range(i, min(i + batch, len(grid))))
-        yield idx, [image[y:y + grid.tile_h, x:x + grid.tile_w] for (y, x) in (grid.origins[j] for j in idx)]
+def tiles_of(image: np.ndarray, grid: TileGrid, scale: float) -> list[np.ndarray]:
+    """The frame's tiles in grid order: views into the scaled, padded frame, not copies."""
+    padded = prepare_frame(image, grid, scale)
+    return [padded[y:y + grid.tile_h, x:x + grid.tile_w] for y, x in grid.origins]
 
 
 class Stitcher:
-    """Averages overlapping tile maps into one frame map."""
+    """Averages overlapping tile maps into one frame map, on the tile maps' device (the pipeline
+    stitches where the maps are, and one map per frame comes down)."""
 
     def __init__(self, grid: TileGrid) -> None:
         self.grid = grid
-        self.acc = np.zeros((grid.height, grid.width), np.float32)
-        self.weight = np.zeros((grid.height, grid.width), np.float32)
+        self.acc: torch.Tensor | None = None
+        self.weight: torch.Tensor | None = None
 
-    def add(self, index: int, tile_map: np.ndarray) -> None:
+    def add(self, index: int, tile_map: torch.Tensor) -> None:
+        if self.acc is None:
+            self.acc = tile_map.new_zeros((self.grid.height, self.grid.width), dtype=tile_map.dtype)
+            self.weight = tile_map.new_zeros((self.grid.height, self.grid.width), dtype=tile_map.dtype)
         y, x = self.grid.origins[index]
         self.acc[y:y + self.grid.tile_h, x:x + self.grid.tile_w] += tile_map
         self.weight[y:y + self.grid.tile_h, x:x + self.grid.tile_w] += 1.0
 
-    def result(self, frame_hw: tuple[int, int], scale: float, out_hw: tuple[int, int] | None = None) -> np.ndarray:
-        """The stitched map cropped to the scaled frame and resized to ``out_hw`` (default: the frame size)."""
-        out = self.acc / np.maximum(self.weight, 1.0)
-        sh, sw = int(round(frame_hw[0] * scale)), int(round(frame_hw[1] * scale))
-        out = out[:sh, :sw]
-        oh, ow = out_hw or frame_hw
-        if out.shape != (oh, ow):
-            out = cv2.resize(out, (ow, oh), interpolation=cv2.INTER_LINEAR)
-        return out
+    def result(self, frame_hw: tuple[int, int], scale: float) -> torch.Tensor:
+        """The average, cropped to the scaled frame (the pipeline resizes it to the map size)."""
+        out = self.acc / self.weight.clamp_min(1.0)
+        return out[: int(round(frame_hw[0] * scale)), : int(round(frame_hw[1] * scale))]
 
 
 def mosaic(features: torch.Tensor) -> torch.Tensor:

@@ -95,6 +95,20 @@ class Mosquitto:
         return self.log.read_text(errors="replace")[-2000:] if self.log.exists() else ""
 
 
+# Agent processes started by tests: whatever a failing test leaves running is killed after it.
+AGENTS: list[subprocess.Popen] = []
+
+
+@pytest.fixture(autouse=True)
+def no_agent_outlives_its_test() -> Iterator[None]:
+    yield
+    while AGENTS:
+        proc = AGENTS.pop()
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
 @pytest.fixture
 def mosquitto_factory(tmp_path: Path) -> Iterator[Callable[..., Mosquitto]]:
     """Start brokers with extra config lines; all are stopped at the end of the test."""
@@ -124,12 +138,12 @@ def mosquitto(mosquitto_factory: Callable[..., Mosquitto]) -> Mosquitto:
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
 
-def small_model_config(method: str = "padim", **overrides: object):
-    """A fast configuration for tests: 128 px input, few channels."""
+def small_model_config(method: str | dict = "padim", **overrides: object):
+    """A fast configuration for tests: 128 px input, few PaDiM channels; ``method`` a name or settings."""
     from calibration.settings import ModelConfig
 
-    cfg = ModelConfig(method=method, input_size=[128, 128], batch_size=8)
-    cfg.padim.dims = 48
+    cfg = ModelConfig(method={"kind": "padim", "dims": 48} if method == "padim" else method,
+                      input_size=[128, 128], batch_size=8)
     for key, value in overrides.items():
         setattr(cfg, key, value)
     return cfg
@@ -148,3 +162,19 @@ def padim_bundle(sample_data: Path, tmp_path_factory: pytest.TempPathFactory):
     from calibration.calibrate import calibrate
 
     return calibrate(sample_data, tmp_path_factory.mktemp("bundles") / "padim", small_model_config(), progress=False)
+
+
+def pipeline(bundle, backend: str = "torch", use_mask: bool = True, **runtime: object):
+    """The frame path on one named backend (CPU, one engine call per frame unless told)."""
+    from engines.pipeline import Pipeline
+    from engines.runtimes import RuntimeSettings, open_backend
+
+    settings = RuntimeSettings.model_validate({"backend": backend, "device": "cpu", "fallback": False, **runtime})
+    return Pipeline(bundle, open_backend(bundle, settings)[0], settings, use_mask=use_mask)
+
+
+def source_settings(**values: object):
+    """The typed settings of a source kind, e.g. ``source_settings(kind="folder", path=p)``."""
+    from agent.sources import SOURCES
+
+    return SOURCES.get(str(values["kind"])).settings(**values)

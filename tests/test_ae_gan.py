@@ -13,19 +13,18 @@ import pytest
 import torch
 from torch import nn
 
-from engines.tiling import TilingConfig
+from pydantic import ValidationError
+
 from calibration.calibrate import calibrate, split_train
 from calibration.data import read_image, test_samples as list_test_samples, train_samples
 from calibration.evaluate import evaluate
-from calibration.fit import get_fitter
 from calibration.images import TrainImages
-from calibration.training import fit_loop
-from engines.autoencoder import gaussian_window, l2_residual, ssim_map, ssim_residual
-from engines.backbones import NORMALISATION
-from engines.runtimes.onnxruntime_backend import OrtBackend, OrtBackendConfig
-from engines.runtimes.torch_backend import TorchBackend, TorchBackendConfig
-from engines.scorer import Scorer
-from conftest import small_model_config
+from calibration.settings import ModelConfig
+from conftest import pipeline, small_model_config
+from engines.methods import FitContext, implementation
+from engines.methods.autoencoder.method import gaussian_window, l2_residual, ssim_map, ssim_residual
+from engines.tiling import TilingConfig
+from engines.training import fit_loop
 
 REPO = Path(__file__).resolve().parents[1]
 # ONNX Runtime fuses and reorders float32 convolutions; residuals and SSIM are differences of
@@ -50,9 +49,11 @@ def one_thread():
 
 
 def tiny_config(method: str, on_features: bool = False, tiled: bool = False, epochs: int = 2, seed: int = 0):
-    cfg = small_model_config(method, input_size=list(SIZE), seed=seed)
-    cfg.train = cfg.train.model_copy(update=dict(epochs=epochs, batch_size=8, latent_dim=32, patience=2,
-                                                 on_features=on_features, lr=1e-3 if method.startswith("ae") else 2e-4))
+    settings = {"kind": method, "epochs": epochs, "batch_size": 8, "latent_dim": 32, "patience": 2,
+                "lr": 1e-3 if method.startswith("ae") else 2e-4}
+    if on_features:
+        settings["on_features"] = True
+    cfg = small_model_config(settings, input_size=list(SIZE), seed=seed)
     if tiled:
         cfg.tiling = TilingConfig(enabled=True, overlap=0.25)
     return cfg
@@ -120,10 +121,10 @@ def test_fit_loop_stops_after_patience_and_restores_the_best_epoch() -> None:
 def test_training_is_reproducible_from_the_seed(sample_data: Path) -> None:
     paths = [s.path for s in train_samples(sample_data)]
     fit, held = split_train(paths, 0.2, 0)
-    mean, std = NORMALISATION["efficientnet_lite0"]
-    images = [TrainImages(p, tuple(SIZE), TilingConfig(), 8, mean, std, progress=False) for p in (fit, held)]
+    images = [TrainImages(p, tuple(SIZE), TilingConfig(), 8, progress=False) for p in (fit, held)]
     for method in ("ae-ssim", "algan"):
-        runs = [get_fitter(method)(tiny_config(method, epochs=1, seed=s), *images) for s in (0, 0, 1)]
+        spec = tiny_config(method, epochs=1).spec()
+        runs = [implementation(method).fit(spec, FitContext(*images, seed=s, progress=False)) for s in (0, 0, 1)]
         same, other = runs[0].network_state, runs[2].network_state
         for k, v in same.items():
             torch.testing.assert_close(runs[1].network_state[k], v, rtol=0, atol=0)
@@ -136,9 +137,7 @@ def test_training_is_reproducible_from_the_seed(sample_data: Path) -> None:
 def test_onnxruntime_matches_torch_reference(bundles: dict, sample_data: Path, name: str) -> None:
     bundle = bundles[name]
     images = [read_image(s.path) for s in list_test_samples(sample_data)]
-    ref = Scorer(bundle, TorchBackend(bundle, TorchBackendConfig("cpu")))
-    ort = Scorer(bundle, OrtBackend(bundle, OrtBackendConfig(threads=1)))
-    r, o = ref.score_frames(images), ort.score_frames(images)
+    r, o = pipeline(bundle, "torch").score(images), pipeline(bundle, "onnxruntime", threads=1).score(images)
     ref_scores = np.array([f.score for f in r])
     assert np.all(np.isfinite(ref_scores)) and ref_scores.max() > 0
     np.testing.assert_allclose([f.score for f in o], ref_scores, rtol=PARITY_RTOL)
@@ -148,47 +147,46 @@ def test_onnxruntime_matches_torch_reference(bundles: dict, sample_data: Path, n
 
 
 @pytest.mark.parametrize("name", [v[0] for v in VARIANTS])
-def test_bundle_records_network_head_and_training(bundles: dict, name: str) -> None:
+def test_bundle_records_method_settings_and_training(bundles: dict, name: str) -> None:
     m = bundles[name].manifest
     assert m.method == name.split("-features")[0].split("-tiled")[0]
-    assert m.network["kind"] in ("autoencoder", "gan", "algan")
-    assert m.head["input_size"] == SIZE and m.head["epochs"] == 2
+    assert m.model.input_size == SIZE and m.model.method.epochs == 2 and m.model.method.latent_dim == 32
+    assert getattr(m.model.method, "on_features", False) == name.endswith("-features")
     fit = m.score_stats["fit"]
     assert 1 <= fit["epochs_run"] <= 2 and len(fit["history"]) == fit["epochs_run"]
-    assert m.threshold["threshold"] > m.normalizer["center"]
+    assert m.decision.image_threshold > m.decision.center
     for f in m.files:  # safetensors and ONNX only, no pickle
         assert not (bundles[name].path / f).read_bytes().startswith(b"\x80")
 
 
 def test_algan_map_is_spatial(bundles: dict, sample_data: Path) -> None:
-    bundle = bundles["algan"]
-    scorer = Scorer(bundle, TorchBackend(bundle, TorchBackendConfig("cpu")))
-    x = scorer.preprocess([np.zeros((*SIZE, 3), np.uint8)])
-    assert scorer.backend.run(x)[0].shape == (1, 1, SIZE[0] // 8, SIZE[1] // 8)
+    backend = pipeline(bundles["algan"]).backend
+    x = torch.zeros(1, *SIZE, 3, dtype=torch.uint8)
+    assert backend.run(x)[0].shape == (1, 1, SIZE[0] // 8, SIZE[1] // 8)
 
 
 def test_evaluate_scores_every_method(bundles: dict, sample_data: Path) -> None:
     for name in ("ae-l2", "ae-ssim", "gan", "algan"):
         bundle = bundles[name]
-        ev = evaluate(bundle, Scorer(bundle, OrtBackend(bundle, OrtBackendConfig(threads=1))), sample_data,
-                      progress=False)
+        ev = evaluate(bundle, pipeline(bundle, "onnxruntime", threads=1), sample_data, progress=False)
         m = ev.metrics["overall"].to_dict()
         assert 0.0 <= m["image_auroc"] <= 1.0 and 0.0 <= m["pixel_aupr"] <= 1.0, name
         assert len(ev.scores) == len(list_test_samples(sample_data))
 
 
 def test_gan_refuses_features() -> None:
-    with pytest.raises(ValueError, match="on_features"):
-        get_fitter("gan")(tiny_config("gan", on_features=True), None, None)
+    with pytest.raises(ValidationError, match="on_features"):  # gan reconstructs pixels: no such key
+        ModelConfig(method={"kind": "gan", "on_features": True})
 
 
 def test_calibrate_and_evaluate_commands(sample_data: Path, tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("model:\n  input_size: [64, 64]\n  train:\n    epochs: 1\n    batch_size: 8\n    latent_dim: 16\n")
+    cfg.write_text("model:\n  input_size: [64, 64]\n  method:\n    kind: ae-ssim\n    epochs: 1\n    batch_size: 8\n"
+                   "    latent_dim: 16\n")
     out = tmp_path / "bundle"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     r = subprocess.run([sys.executable, "-m", "agent", "calibrate", "--data", str(sample_data), "--out", str(out),
-                        "--config", str(cfg), "--method", "ae-ssim"], capture_output=True, text=True, cwd=REPO, env=env)
+                        "--config", str(cfg)], capture_output=True, text=True, cwd=REPO, env=env)
     assert r.returncode == 0, r.stderr
     assert json.loads(r.stdout)["model_id"].startswith("ae-ssim-")
     r = subprocess.run([sys.executable, "-m", "agent", "evaluate", "--model", str(out), "--data", str(sample_data),

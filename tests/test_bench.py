@@ -42,4 +42,4 @@ def test_bench_json_reports_every_stage(padim_bundle) -> None:
 def test_bench_refuses_an_unknown_backend(padim_bundle) -> None:
     r = subprocess.run([sys.executable, "-m", "agent", "bench", "--model", str(padim_bundle.path), "--backend",
                         "torch,openvino"], capture_output=True, text=True, cwd=REPO)
-    assert r.returncode == 2 and "unknown openvino" in r.stderr
+    assert r.returncode == 2 and "unknown 'openvino'" in r.stderr

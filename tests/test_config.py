@@ -13,18 +13,25 @@ from agent.config import Config, ConfigError, load_config, preflight
 REPO = Path(__file__).resolve().parents[1]
 
 
-def test_shipped_config_loads_and_documents_every_key() -> None:
+def test_shipped_config_is_the_models_defaults_and_documents_every_key() -> None:
+    from agent.reference import REFERENCE_MD, config_yaml, reference_md
+
     path = REPO / "config.yaml"
-    assert isinstance(load_config(path), Config)
+    assert path.read_text() == config_yaml(), "config.yaml is stale: python -m agent.reference --write"
+    assert REFERENCE_MD.read_text() == reference_md(), "docs/configuration.md is stale: python -m agent.reference --write"
+    assert load_config(path) == Config()  # the file holds exactly the defaults
     undocumented = [line.split(":")[0].strip() for line in path.read_text().splitlines()
-                    if ":" in line and not line.lstrip().startswith("#") and "#" not in line]
+                    if ":" in line and not line.lstrip().startswith("#") and " # " not in line]
     assert not undocumented, f"config.yaml keys without a comment: {undocumented}"
 
 
 @pytest.mark.parametrize("text, expected", [
     ("model:\n  methd: padim\n", ":2: unknown key 'model.methd'"),
-    ("model:\n  padim:\n    dims: many\n", ":3: model.padim.dims: expected an integer, got 'many'"),
-    ("model:\n  method: magic\n", ":2: model.method: expected one of"),
+    ("model:\n  method:\n    dims: many\n", ":3: model.method.dims: expected an integer, got 'many'"),
+    ("model:\n  method: magic\n", ":2: model.method: expected kind one of 'algan'"),
+    ("model:\n  method:\n    kind: gan\n    dims: 3\n", ":4: unknown key 'model.method.dims'"),
+    ("source:\n  kind: camera\n  url: rtsp://x\n", ":3: unknown key 'source.url'"),
+    ("runtime:\n  backend:\n    kind: torch\n    half: 1\n", ":4: runtime.backend.half: expected true or false"),
     ("model:\n  input_size: [250, 256]\n", ":2: model.input_size: expected [height, width], positive multiples"),
     ("mqtt:\n  port: 70000\n", ":2: mqtt.port: expected at most 65535, got 70000"),
     ("model: [1, 2]\n", ":1: model: expected a mapping, got list"),
@@ -87,12 +94,12 @@ def test_missing_config_file_exits_2(tmp_path: Path) -> None:
 
 def test_check_config_prints_resolved(tmp_path: Path) -> None:
     path = tmp_path / "ok.yaml"
-    path.write_text("model:\n  padim:\n    dims: 64\n")
+    path.write_text("model:\n  method:\n    dims: 64\n")
     r = subprocess.run([sys.executable, "-m", "agent", "check-config", "--config", str(path)],
                        capture_output=True, text=True, cwd=REPO)
     assert r.returncode == 0, r.stderr
     resolved = yaml.safe_load(r.stdout)
-    assert resolved["model"]["padim"]["dims"] == 64
+    assert resolved["model"]["method"] == {"kind": "padim", "dims": 64, "reg": 0.01}
     assert resolved["model"]["backbone"] == "efficientnet_lite0"  # defaults are filled in
 
 

@@ -17,9 +17,9 @@ from engines.build import has_dynamic_batch
 from engines.bundle import MANIFEST, ONNX, load_bundle, write_manifest
 from engines.mahalanobis import MahalanobisHead
 from engines.runtimes.base import BackendError
-from engines.runtimes.onnxruntime_backend import OrtBackend, OrtBackendConfig
-from engines.runtimes.torch_backend import TorchBackend, TorchBackendConfig, Uploader
-from engines.scorer import Scorer
+from engines.runtimes.onnxruntime_backend import OnnxRuntimeBackend, OnnxRuntimeSettings
+from engines.runtimes.torch_backend import TorchBackend, TorchSettings, Uploader
+from engines.pipeline import model_inputs
 
 REPO = Path(__file__).resolve().parents[1]
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
@@ -63,57 +63,57 @@ def _spd(p: int, d: int, gen: torch.Generator) -> torch.Tensor:
 
 def test_cholesky_and_fp16_heads_match_the_inverse() -> None:
     gen = torch.Generator().manual_seed(0)
-    p, d, c = 36, 24, 40
+    p, d = 36, 24
     mean, inv = torch.randn(p, d, generator=gen), _spd(p, d, gen)
-    channels = torch.randperm(c, generator=gen)[:d]
-    feats = torch.randn(5, c, 6, 6, generator=gen) * 3
-    ref = MahalanobisHead(mean, inv, channels)(feats)
-    x = feats[:, channels].flatten(2).permute(0, 2, 1)
+    feats = torch.randn(5, d, 6, 6, generator=gen) * 3
+    ref = MahalanobisHead(mean, inv)(feats)
+    x = feats.flatten(2).permute(0, 2, 1)
     direct = torch.einsum("bpd,pde,bpe->bp", x - mean, inv, x - mean).sqrt().reshape(5, 6, 6)
     torch.testing.assert_close(ref, direct, rtol=EXACT_RTOL, atol=1e-5)
-    chol = MahalanobisHead(mean, inv, channels, factor="cholesky")(feats)
+    chol = MahalanobisHead(mean, inv, factor="cholesky")(feats)
     torch.testing.assert_close(chol, ref, rtol=EXACT_RTOL, atol=1e-5)
     # FP16 storage, upcast in chunks of a few positions on the CPU (chunk_bytes forces 3+ chunks).
-    half = MahalanobisHead(mean, inv, channels, half=True, factor="cholesky", chunk_bytes=12 * 4 * d * d)
+    half = MahalanobisHead(mean, inv, half=True, factor="cholesky", chunk_bytes=12 * 4 * d * d)
     assert half.matrix.dtype == torch.float16
     torch.testing.assert_close(half(feats), ref, rtol=PARITY_RTOL, atol=0)
     with pytest.raises(ValueError, match="'inverse' or 'cholesky'"):
-        MahalanobisHead(mean, inv, channels, factor="lu")
+        MahalanobisHead(mean, inv, factor="lu")
 
 
 def test_head_variants_on_a_calibrated_bundle(padim_bundle, sample_data: Path) -> None:
     t = padim_bundle.head_tensors()
-    images = [read_image(s.path) for s in list_test_samples(sample_data)[:4]]
-    backend = TorchBackend(padim_bundle, TorchBackendConfig("cpu"))
-    scorer = Scorer(padim_bundle, backend)
-    h, w = padim_bundle.manifest.input_hw
-    import cv2
-
-    feats = backend.run(scorer.preprocess([cv2.resize(i, (w, h)) for i in images]))[0]
-    ref = MahalanobisHead(t["mean"], t["inv_cov"], t["channels"])(feats)
+    feats = TorchBackend(padim_bundle, TorchSettings()).run(_inputs(padim_bundle, sample_data, 4))[0]
+    ref = MahalanobisHead(t["mean"], t["inv_cov"])(feats)
     for kwargs in ({"factor": "cholesky"}, {"factor": "cholesky", "half": True}):
-        out = MahalanobisHead(t["mean"], t["inv_cov"], t["channels"], **kwargs)(feats)
+        out = MahalanobisHead(t["mean"], t["inv_cov"], **kwargs)(feats)
         torch.testing.assert_close(out, ref, rtol=PARITY_RTOL, atol=0, msg=str(kwargs))
 
 
-def test_channels_last_torch_matches_reference(padim_bundle) -> None:
-    x = torch.randn(2, 3, *padim_bundle.manifest.input_hw, generator=torch.Generator().manual_seed(3))
-    ref = TorchBackend(padim_bundle, TorchBackendConfig("cpu")).run(x)[0]
-    out = TorchBackend(padim_bundle, TorchBackendConfig("cpu", channels_last=True)).run(x)[0]
+def _inputs(bundle, sample_data: Path, n: int) -> torch.Tensor:
+    """uint8 engine inputs of the first ``n`` test images, as the pipeline prepares them."""
+    m = bundle.manifest
+    images = [read_image(s.path) for s in list_test_samples(sample_data)[:n]]
+    return torch.from_numpy(np.stack([t for i in images for t in model_inputs(i, m.input_hw, m.model.tiling)]))
+
+
+def test_channels_last_torch_matches_reference(padim_bundle, sample_data: Path) -> None:
+    x = _inputs(padim_bundle, sample_data, 2)
+    ref = TorchBackend(padim_bundle, TorchSettings()).run(x)[0]
+    out = TorchBackend(padim_bundle, TorchSettings(channels_last=True)).run(x)[0]
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
     with pytest.raises(BackendError, match="need a CUDA device"):
-        TorchBackend(padim_bundle, TorchBackendConfig("cpu", half=True))
+        TorchBackend(padim_bundle, TorchSettings(half=True))
 
 
 def test_cpu_uploader_shares_the_host_batch() -> None:
     batch = np.arange(2 * 4 * 5 * 3, dtype=np.uint8).reshape(2, 4, 5, 3)
-    out = Uploader(torch.device("cpu"), 2, (4, 5)).put(batch)
+    out = Uploader(torch.device("cpu")).put(batch)
     assert out.data_ptr() == batch.ctypes.data  # no copy on the CPU path
 
 
 def test_ort_backend_names_a_missing_network(padim_bundle) -> None:
     with pytest.raises(BackendError, match="model.int8.onnx: bundle has no such ONNX network"):
-        OrtBackend(padim_bundle, OrtBackendConfig(model="model.int8.onnx"))
+        OnnxRuntimeBackend(padim_bundle, OnnxRuntimeSettings(network="int8"))
 
 
 def test_int8_quantisation_writes_a_hashed_network(padim_bundle, sample_data: Path, tmp_path: Path) -> None:
@@ -124,13 +124,9 @@ def test_int8_quantisation_writes_a_hashed_network(padim_bundle, sample_data: Pa
     assert INT8_ONNX in load_bundle(path).manifest.files  # re-hashed: loads with verification
     assert bundle.manifest.model_id != padim_bundle.manifest.model_id
     assert (path / INT8_ONNX).stat().st_size < 0.5 * (path / ONNX).stat().st_size
-    scorer = Scorer(bundle, OrtBackend(bundle, OrtBackendConfig()))
-    h, w = bundle.manifest.input_hw
-    import cv2
-
-    x = scorer.preprocess([cv2.resize(read_image(s.path), (w, h)) for s in list_test_samples(sample_data)[:2]])
-    fp32 = OrtBackend(bundle, OrtBackendConfig()).run(x)[0]
-    int8 = OrtBackend(bundle, OrtBackendConfig(model=INT8_ONNX))
+    x = _inputs(bundle, sample_data, 2)
+    fp32 = OnnxRuntimeBackend(bundle, OnnxRuntimeSettings()).run(x)[0]
+    int8 = OnnxRuntimeBackend(bundle, OnnxRuntimeSettings(network="int8"))
     assert int8.name == "onnxruntime-int8"
     q = int8.run(x)[0]
     # Quantisation is judged on evaluate metrics, not parity; here only that it is the same network.

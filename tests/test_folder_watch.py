@@ -15,7 +15,9 @@ import numpy as np
 import pytest
 
 from agent.frames import Frame
-from agent.sources import FrameSource, SourceConfig, open_source
+from agent.sources import open_source
+from agent.sources.base import FrameSource
+from conftest import source_settings
 
 POLL_S = 0.02
 
@@ -61,7 +63,7 @@ def watch() -> Iterator[Callable[..., FrameSource]]:
     started: list[FrameSource] = []
 
     def start(folder: Path, **kw) -> FrameSource:
-        source = open_source(SourceConfig(kind="folder", path=folder, watch=True, poll_s=POLL_S, **kw))
+        source = open_source(source_settings(kind="folder", path=folder, watch=True, poll_s=POLL_S, **kw))
         source.start()
         started.append(source)
         return source
@@ -188,7 +190,7 @@ def test_a_batch_folder_skips_and_counts_what_is_no_file(tmp_path):
     cv2.imwrite(str(tmp_path / "a.png"), np.full((8, 8, 3), 10, np.uint8))
     os.symlink(tmp_path / "nowhere.png", tmp_path / "dangling.png")
     (tmp_path / "folder.png").mkdir()
-    source = open_source(SourceConfig(kind="folder", path=tmp_path))
+    source = open_source(source_settings(kind="folder", path=tmp_path))
     source.start()
     frame = _next_frame(source)
     _wait_for(lambda: source.finished)
@@ -196,7 +198,7 @@ def test_a_batch_folder_skips_and_counts_what_is_no_file(tmp_path):
 
 
 def test_a_batch_folder_that_cannot_be_listed_fails_the_batch(inbox):
-    source = open_source(SourceConfig(kind="folder", path=inbox))
+    source = open_source(source_settings(kind="folder", path=inbox))
     inbox.rmdir()  # between the check at open and the listing at start
     source.start()
     _wait_for(lambda: source.finished)

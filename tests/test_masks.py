@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import re
 
-import copy
 import shutil
 from pathlib import Path
 
@@ -16,9 +15,7 @@ from calibration.masks import fit_mask, reference_object
 from engines.masks import FeatureMask, MaskConfig, RoiMask, load_mask
 from calibration.synthetic import synthetic_part
 from engines.bundle import BundleError, load_bundle, write_manifest
-from engines.runtimes.onnxruntime_backend import OrtBackend, OrtBackendConfig
-from engines.runtimes.torch_backend import TorchBackend, TorchBackendConfig
-from engines.scorer import Scorer
+from conftest import pipeline
 
 PARITY_RTOL = 1e-3   # as tests/test_padim.py: ONNX Runtime against the torch reference
 ALIGN_PX = 3.0       # a recovered homography maps every frame corner within this of the truth
@@ -51,8 +48,9 @@ def _write_refs(tmp_path: Path, images: list[np.ndarray]) -> list[Path]:
 
 def _feature_mask(tmp_path: Path, refs: list[np.ndarray], **cfg: object) -> FeatureMask:
     bundle_dir = tmp_path / "bundle"
-    section = fit_mask(MaskConfig(kind="features", **cfg), _write_refs(tmp_path, refs), bundle_dir)
-    mask = load_mask(section, bundle_dir)
+    settings = MaskConfig(kind="features", **cfg)
+    files = fit_mask(settings, _write_refs(tmp_path, refs), bundle_dir)
+    mask = load_mask(settings, files, bundle_dir)
     assert isinstance(mask, FeatureMask)
     return mask
 
@@ -67,8 +65,8 @@ def _corner_error(found: np.ndarray, truth: np.ndarray, hw: tuple[int, int]) -> 
 # --- ROI polygons --------------------------------------------------------------------------------
 
 def test_roi_polygon_zeroes_outside_and_is_rasterised_once_per_size():
-    mask = load_mask({"kind": "roi", "polygons": [[[10, 5], [50, 5], [50, 30], [10, 30]]], "outside_weight": 0.0},
-                     Path("."))
+    mask = load_mask(MaskConfig(kind="roi", polygons=[[[10, 5], [50, 5], [50, 30], [10, 30]]], outside_weight=0.0),
+                     [], Path("."))
     frame = np.zeros((40, 60, 3), np.uint8)
     w = mask.weights(frame)
     assert w.shape == (40, 60) and w.dtype == np.float32
@@ -181,8 +179,9 @@ def masked_bundle(padim_bundle, tmp_path: Path):
     out = tmp_path / "masked"
     shutil.copytree(padim_bundle.path, out)
     refs = _write_refs(tmp_path, [_resized_part(3), _resized_part(5)])
-    manifest = copy.deepcopy(padim_bundle.manifest)
-    manifest.mask = fit_mask(MaskConfig(kind="features", references=2), refs, out)
+    manifest = padim_bundle.manifest.model_copy(deep=True)
+    manifest.model.mask = MaskConfig(kind="features", references=2)
+    manifest.mask_files = fit_mask(manifest.model.mask, refs, out)
     write_manifest(out, manifest)
     return load_bundle(out), refs
 
@@ -194,12 +193,11 @@ def _resized_part(seed: int) -> np.ndarray:
 def test_masked_bundle_scores_alike_with_torch_and_onnxruntime(masked_bundle):
     bundle, refs = masked_bundle
     frame, _ = _moved(cv2.imread(str(refs[1])), angle=-8.0, shift=(5.0, 4.0))
-    torch_backend = TorchBackend(bundle, TorchBackendConfig("cpu"))
-    plain = Scorer(bundle, torch_backend, use_mask=False).score_frame(frame)
-    torch_scorer = Scorer(bundle, torch_backend)
+    plain = pipeline(bundle, use_mask=False).score_frame(frame)
+    torch_scorer = pipeline(bundle)
     ref = torch_scorer.score_frame(frame)
-    ort = Scorer(bundle, OrtBackend(bundle, OrtBackendConfig())).score_frame(frame)
-    weights = torch_scorer.mask.weights(frame)
+    ort = pipeline(bundle, "onnxruntime").score_frame(frame)
+    weights = torch_scorer.mask.weights(frame, ref.map.shape)
     assert torch_scorer.mask.counts["homography"] == 2   # both calls above found the part
     assert 0.2 < weights.mean() < 0.8                     # the mask keeps the part, drops the background
     np.testing.assert_allclose(ref.map, plain.map * weights, rtol=1e-6)

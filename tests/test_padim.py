@@ -14,10 +14,8 @@ import torch
 from calibration.data import read_image, test_samples as list_test_samples
 from engines.bundle import BundleError, load_bundle
 from engines.mahalanobis import GaussianAccumulator, MahalanobisHead
+from conftest import pipeline
 from engines.runtimes import open_backend
-from engines.runtimes.onnxruntime_backend import OrtBackend, OrtBackendConfig
-from engines.runtimes.torch_backend import TorchBackend, TorchBackendConfig
-from engines.scorer import Scorer
 
 REPO = Path(__file__).resolve().parents[1]
 # ONNX Runtime fuses and reorders float32 ops; Mahalanobis distances amplify that a little.
@@ -39,14 +37,13 @@ def test_streaming_gaussian_matches_batch_statistics() -> None:
 
 def test_mahalanobis_head_matches_direct_formula() -> None:
     gen = torch.Generator().manual_seed(1)
-    p, d, c = 12, 4, 7
+    p, d = 12, 4
     mean = torch.randn(p, d, generator=gen)
     a = torch.randn(p, d, d, generator=gen)
     inv = a @ a.transpose(1, 2) + torch.eye(d)
-    channels = torch.tensor([0, 2, 3, 6])
-    feats = torch.randn(3, c, 3, 4, generator=gen)
-    out = MahalanobisHead(mean, inv, channels)(feats)
-    x = feats[:, channels].flatten(2).permute(0, 2, 1)  # (B, P, D)
+    feats = torch.randn(3, d, 3, 4, generator=gen)
+    out = MahalanobisHead(mean, inv)(feats)
+    x = feats.flatten(2).permute(0, 2, 1)  # (B, P, D)
     ref = torch.einsum("bpd,pde,bpe->bp", x - mean, inv, x - mean).sqrt().reshape(3, 3, 4)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
@@ -54,10 +51,12 @@ def test_mahalanobis_head_matches_direct_formula() -> None:
 def test_bundle_holds_manifest_tensors_and_onnx(padim_bundle) -> None:
     m = padim_bundle.manifest
     assert set(m.files) == {"network.safetensors", "head.safetensors", "model.onnx"}
-    assert m.method == "padim" and m.model_id.startswith("padim-")
-    assert m.threshold["threshold"] > 0 and m.normalizer["threshold"] == m.threshold["threshold"]
-    assert m.network["taps"] == ["stage3", "stage4", "stage5"]
+    assert m.method == "padim" and m.model_id.startswith("padim-") and m.model.method.dims == 48
+    assert m.decision.image_threshold > m.decision.center and m.decision.pixel_threshold > 0
+    assert m.model.taps == ["stage3", "stage4", "stage5"]
     assert {"torch", "onnxruntime"} <= set(m.versions)
+    # The channel subset is inside the engine: its output has exactly the kept channels.
+    assert padim_bundle.head_tensors()["mean"].shape[1] == 48
     for name in m.files:  # nothing executable: safetensors and ONNX only, no pickle
         assert not (padim_bundle.path / name).read_bytes().startswith(b"\x80")
 
@@ -77,9 +76,7 @@ def test_altered_tensor_file_is_refused(padim_bundle, tmp_path: Path) -> None:
 
 def test_onnxruntime_matches_torch_reference(padim_bundle, sample_data: Path) -> None:
     images = [read_image(s.path) for s in list_test_samples(sample_data)]
-    ref = Scorer(padim_bundle, TorchBackend(padim_bundle, TorchBackendConfig("cpu")))
-    ort = Scorer(padim_bundle, OrtBackend(padim_bundle, OrtBackendConfig()))
-    r, o = ref.score_frames(images), ort.score_frames(images)
+    r, o = pipeline(padim_bundle, "torch").score(images), pipeline(padim_bundle, "onnxruntime").score(images)
     ref_scores = np.array([f.score for f in r])
     np.testing.assert_allclose([f.score for f in o], ref_scores, rtol=PARITY_RTOL)
     for a, b in zip(r, o):
@@ -89,13 +86,13 @@ def test_onnxruntime_matches_torch_reference(padim_bundle, sample_data: Path) ->
 def test_auto_backend_without_cuda_is_onnxruntime(padim_bundle) -> None:
     if torch.cuda.is_available():
         pytest.skip("a CUDA device is present; auto picks a GPU backend")
-    backend, why = open_backend(padim_bundle, "auto")
+    backend, why = open_backend(padim_bundle)
     assert backend.name == "onnxruntime" and "no CUDA device" in why
 
 
 def test_defects_score_above_good(padim_bundle, sample_data: Path) -> None:
     samples = list_test_samples(sample_data)
-    scorer = Scorer(padim_bundle, TorchBackend(padim_bundle, TorchBackendConfig("cpu")))
+    scorer = pipeline(padim_bundle)
     scores = np.array([scorer.score_frame(read_image(s.path)).score for s in samples])
     labels = np.array([s.label for s in samples])
     assert scores[labels == 1].mean() > scores[labels == 0].max()
@@ -103,7 +100,7 @@ def test_defects_score_above_good(padim_bundle, sample_data: Path) -> None:
 
 def test_calibrate_and_evaluate_commands(sample_data: Path, tmp_path: Path) -> None:
     cfg = tmp_path / "c.yaml"
-    cfg.write_text("model:\n  input_size: [128, 128]\n  padim:\n    dims: 32\n")
+    cfg.write_text("model:\n  input_size: [128, 128]\n  method:\n    dims: 32\n")
     out = tmp_path / "bundle"
     r = subprocess.run([sys.executable, "-m", "agent", "calibrate", "--data", str(sample_data), "--out", str(out),
                         "--config", str(cfg), "--method", "padim"], capture_output=True, text=True, cwd=REPO)

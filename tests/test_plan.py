@@ -11,9 +11,9 @@ import pytest
 from engines.bundle import Bundle, Manifest
 from engines.plan import (PlanManifest, PlanMismatch, batch_profile, check_plan, find_plan, plan_paths,
                           read_plan_manifest, write_plan_manifest)
-from engines.runtimes import open_backend
+from engines.runtimes import RuntimeSettings, open_backend
 from engines.runtimes.base import BackendError
-from engines.runtimes.tensorrt_backend import TensorRTBackend, TensorRTBackendConfig, profile_batch_ok
+from engines.runtimes.tensorrt_backend import TensorRTBackend, TensorRTSettings, profile_batch_ok
 
 HAS_TRT = importlib.util.find_spec("tensorrt") is not None
 HERE = {"trt_version": "10.3.0", "gpu_name": "NVIDIA A2", "cc": "8.6", "onnx_sha": "ab" * 32}
@@ -58,7 +58,12 @@ def test_profile_covers_batch_one_to_n() -> None:
 def _bundle(tmp_path: Path) -> Bundle:
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "model.onnx").write_bytes(b"not really onnx")
-    m = Manifest(method="padim", network={}, input={"size": [128, 128]}, head={}, postprocess={}, tiling={},
+    from engines.decision import Decision
+    from engines.model import ModelSpec
+
+    decision = Decision(image_threshold=2.0, pixel_threshold=1.0, center=1.0, policy="quantile",
+                        false_reject_rate=0.0, pixel_quantile=0.999)
+    m = Manifest(model=ModelSpec(input_size=[128, 128]), frame_size=[128, 128], decision=decision,
                  files={"model.onnx": "ab" * 32})
     return Bundle(tmp_path, m)
 
@@ -101,8 +106,8 @@ def test_altered_plan_file_is_refused(tmp_path: Path) -> None:
 @pytest.mark.skipif(HAS_TRT, reason="tensorrt is installed here; this covers the machine without it")
 def test_tensorrt_backend_without_tensorrt_falls_back(padim_bundle) -> None:
     with pytest.raises(BackendError, match="tensorrt Python module is not installed"):
-        TensorRTBackend(padim_bundle, TensorRTBackendConfig())
-    backend, why = open_backend(padim_bundle, "tensorrt", device="auto", fallback=True)
+        TensorRTBackend(padim_bundle, TensorRTSettings())
+    backend, why = open_backend(padim_bundle, RuntimeSettings(backend="tensorrt"))
     assert backend.name == "onnxruntime" and "tensorrt: the tensorrt Python module is not installed" in why
     with pytest.raises(BackendError, match="no backend could start"):
-        open_backend(padim_bundle, "tensorrt", fallback=False)
+        open_backend(padim_bundle, RuntimeSettings(backend="tensorrt", fallback=False))

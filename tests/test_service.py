@@ -18,6 +18,7 @@ import pytest
 import yaml
 from jsonschema import Draft202012Validator
 
+from conftest import AGENTS
 from mqtt_client import WAIT_S, subscribers  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -40,9 +41,11 @@ def write_config(tmp_path: Path, broker: Any, bundle_dir: Path, source: dict, **
 
 
 def start_agent(config: Path, env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config)], cwd=REPO,
+    proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config)], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env={**os.environ, **(env or {})})
+    AGENTS.append(proc)
+    return proc
 
 
 def finish(proc: subprocess.Popen, timeout: float = WAIT_S) -> str:

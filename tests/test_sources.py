@@ -13,8 +13,11 @@ import numpy as np
 import pytest
 
 from agent.frames import Frame
-from agent.sources import (BOOT_ID, SourceConfig, SourceError, SyntheticSource, gstreamer_available,
-                           open_source)
+from agent.sources import SourceError, SourceSettings, open_source
+from agent.sources.base import BOOT_ID
+from agent.sources.stream import gstreamer_available
+from agent.sources.synthetic import SyntheticSource
+from conftest import source_settings
 from calibration.synthetic import DEFECT_KINDS
 from test_decode import png_header_only
 
@@ -47,7 +50,7 @@ def test_folder_batch_gives_every_file_in_name_order_then_finishes(tmp_path):
     for i, name in enumerate(["p_03", "p_01", "p_02", "p_10"]):
         cv2.imwrite(str(tmp_path / f"{name}.png"), _level_image(20 * (i + 1)))
     (tmp_path / "notes.txt").write_text("not an image")
-    source = open_source(SourceConfig(kind="folder", path=tmp_path))
+    source = open_source(source_settings(kind="folder", path=tmp_path))
     source.start()
     frames = _drain(source)
     source.stop()
@@ -64,8 +67,8 @@ def test_folder_reads_grey_when_asked_and_keeps_colour_by_default(tmp_path):
     img = _level_image(0)
     img[..., 2] = 200  # red
     cv2.imwrite(str(tmp_path / "red.png"), img)
-    colour = open_source(SourceConfig(kind="folder", path=tmp_path))
-    grey = open_source(SourceConfig(kind="folder", path=tmp_path, grey=True))
+    colour = open_source(source_settings(kind="folder", path=tmp_path))
+    grey = open_source(source_settings(kind="folder", path=tmp_path, grey=True))
     colour.start()
     grey.start()
     (c,), (g,) = _drain(colour), _drain(grey)
@@ -77,7 +80,7 @@ def test_folder_ids_get_a_counter_when_stems_collide(tmp_path):
     cv2.imwrite(str(tmp_path / "a.png"), _level_image(10))
     cv2.imwrite(str(tmp_path / "a.jpg"), _level_image(10))
     cv2.imwrite(str(tmp_path / "a-2.png"), _level_image(10))
-    source = open_source(SourceConfig(kind="folder", path=tmp_path))
+    source = open_source(source_settings(kind="folder", path=tmp_path))
     source.start()
     ids = [f.id for f in _drain(source)]
     assert len(set(ids)) == 3 and set(ids) <= {"a", "a-2", "a-3"}
@@ -86,7 +89,7 @@ def test_folder_ids_get_a_counter_when_stems_collide(tmp_path):
 def test_folder_pattern_selects_files(tmp_path):
     for name in ["cam1_001.png", "cam2_001.png", "cam1_002.png"]:
         cv2.imwrite(str(tmp_path / name), _level_image(10))
-    source = open_source(SourceConfig(kind="folder", path=tmp_path, pattern="cam1_*.png"))
+    source = open_source(source_settings(kind="folder", path=tmp_path, pattern="cam1_*.png"))
     source.start()
     assert [f.id for f in _drain(source)] == ["cam1_001", "cam1_002"]
 
@@ -96,7 +99,7 @@ def test_corrupt_and_empty_files_become_error_frames_and_the_rest_still_come(tmp
     (tmp_path / "b.png").write_bytes(b"\x89PNG this is not really a png" * 10)
     (tmp_path / "c.jpg").write_bytes(b"")
     cv2.imwrite(str(tmp_path / "d.png"), _level_image(30))
-    source = open_source(SourceConfig(kind="folder", path=tmp_path))
+    source = open_source(source_settings(kind="folder", path=tmp_path))
     source.start()
     frames = _drain(source)
     assert [f.id for f in frames] == ["a", "b", "c", "d"]
@@ -109,7 +112,7 @@ def test_corrupt_and_empty_files_become_error_frames_and_the_rest_still_come(tmp
 
 def test_watch_mode_picks_up_files_written_after_start_once_each(tmp_path):
     cv2.imwrite(str(tmp_path / "first.png"), _level_image(10))
-    source = open_source(SourceConfig(kind="folder", path=tmp_path, watch=True, poll_s=0.05))
+    source = open_source(source_settings(kind="folder", path=tmp_path, watch=True, poll_s=0.05))
     source.start()
     try:
         first = source.get(timeout=5)
@@ -148,7 +151,7 @@ def _bad_and_odd_files(folder: Path) -> dict[str, str | None]:
 @pytest.mark.parametrize("watch", [False, True])
 def test_every_bad_or_odd_file_gives_exactly_one_frame_and_the_stream_goes_on(tmp_path, watch):
     expected = _bad_and_odd_files(tmp_path)
-    source = open_source(SourceConfig(kind="folder", path=tmp_path, pattern="*", watch=watch, poll_s=0.05,
+    source = open_source(source_settings(kind="folder", path=tmp_path, pattern="*", watch=watch, poll_s=0.05,
                                       settle_s=0))
     source.start()
     try:
@@ -173,7 +176,7 @@ def test_every_bad_or_odd_file_gives_exactly_one_frame_and_the_stream_goes_on(tm
 
 def test_missing_folder_is_refused_naming_the_path(tmp_path):
     with pytest.raises(SourceError, match="nowhere"):
-        open_source(SourceConfig(kind="folder", path=tmp_path / "nowhere"))
+        open_source(source_settings(kind="folder", path=tmp_path / "nowhere"))
 
 
 # -- video file ----------------------------------------------------------------------------
@@ -190,7 +193,7 @@ def test_video_file_gives_every_frame_then_finishes(tmp_path):
     path = tmp_path / "clip.avi"
     levels = [20 * i + 10 for i in range(12)]
     _write_video(path, levels)
-    source = open_source(SourceConfig(kind="video", path=path))
+    source = open_source(source_settings(kind="video", path=path))
     source.start()
     frames = _drain(source)
     assert source.failure is None
@@ -203,7 +206,7 @@ def test_video_file_gives_every_frame_then_finishes(tmp_path):
 def test_unreadable_video_gives_an_error_frame_naming_it_and_fails_the_batch(tmp_path):
     path = tmp_path / "broken.avi"
     path.write_bytes(b"RIFF not a video at all" * 20)
-    source = open_source(SourceConfig(kind="video", path=path))
+    source = open_source(source_settings(kind="video", path=path))
     source.start()
     (frame,) = _drain(source)
     assert frame.image is None and str(path) in frame.error
@@ -213,7 +216,7 @@ def test_unreadable_video_gives_an_error_frame_naming_it_and_fails_the_batch(tmp
 def test_video_frames_over_max_pixels_become_error_frames(tmp_path):
     path = tmp_path / "clip.avi"
     _write_video(path, [50] * 5)
-    source = open_source(SourceConfig(kind="video", path=path, max_pixels=2048))
+    source = open_source(source_settings(kind="video", path=path, max_pixels=2048))
     source.start()
     frames = _drain(source)
     assert [f.error for f in frames] == [f"{path} frame {i}: frame is 64 x 48 = 3072 pixels, more than "
@@ -224,8 +227,8 @@ def test_video_frames_over_max_pixels_become_error_frames(tmp_path):
 
 # -- delivery modes ------------------------------------------------------------------------
 
-def _synthetic(**kw) -> SourceConfig:
-    return SourceConfig(kind="synthetic", size=[48, 48], defect_rate=0.5, **kw)
+def _synthetic(**kw) -> SourceSettings:
+    return source_settings(kind="synthetic", size=[48, 48], defect_rate=0.5, **kw)
 
 
 def test_triggered_mode_blocks_the_producer_and_drops_nothing():
@@ -283,7 +286,7 @@ class FaultySynthetic(SyntheticSource):
     """Fault injection: the producer raises on its first three starts, then, on the fourth,
     after three frames; from the fifth start on it runs."""
 
-    def __init__(self, cfg: SourceConfig) -> None:
+    def __init__(self, cfg: SourceSettings) -> None:
         super().__init__(cfg)
         self.starts = 0
 
@@ -415,7 +418,7 @@ def _frame_with_level(source, level: int, limit: float = 10.0) -> Frame:
 def test_stream_reconnects_after_the_server_goes_away_and_comes_back():
     server = MjpegServer()
     server.start()
-    cfg = SourceConfig(kind="stream", url=server.url, mode="free", open_timeout_s=2, read_timeout_s=2,
+    cfg = source_settings(kind="stream", url=server.url, mode="free", open_timeout_s=2, read_timeout_s=2,
                        reconnect_min_s=0.05, reconnect_max_s=0.2)
     source = open_source(cfg)
     source.start()
@@ -441,7 +444,7 @@ def test_stream_reconnects_after_the_server_goes_away_and_comes_back():
 def test_stream_frames_over_max_pixels_become_error_frames():
     server = MjpegServer()
     server.start()
-    source = open_source(SourceConfig(kind="stream", url=server.url, max_pixels=2048, open_timeout_s=2,
+    source = open_source(source_settings(kind="stream", url=server.url, max_pixels=2048, open_timeout_s=2,
                                       read_timeout_s=2))
     source.start()
     try:
@@ -456,7 +459,7 @@ def test_stream_frames_over_max_pixels_become_error_frames():
 def test_gstreamer_pipeline_is_refused_with_an_explanation():
     if gstreamer_available():
         pytest.skip("this OpenCV build has GStreamer, so the pipeline is accepted")
-    cfg = SourceConfig(kind="stream", url="videotestsrc ! videoconvert ! appsink")
+    cfg = source_settings(kind="stream", url="videotestsrc ! videoconvert ! appsink")
     with pytest.raises(SourceError, match="GStreamer") as err:
         open_source(cfg)
     assert "without GStreamer" in str(err.value) and "rtsp://" in str(err.value)
@@ -464,7 +467,7 @@ def test_gstreamer_pipeline_is_refused_with_an_explanation():
 
 def test_stream_url_that_is_neither_a_url_nor_a_pipeline_is_refused():
     with pytest.raises(SourceError, match="source.url.*'camera-1'"):
-        open_source(SourceConfig(kind="stream", url="camera-1"))
+        open_source(source_settings(kind="stream", url="camera-1"))
 
 
 # -- camera --------------------------------------------------------------------------------
@@ -472,8 +475,7 @@ def test_stream_url_that_is_neither_a_url_nor_a_pipeline_is_refused():
 def test_missing_camera_keeps_retrying_without_raising():
     if Path("/dev/video99").exists():
         pytest.skip("/dev/video99 exists here")
-    source = open_source(SourceConfig(kind="camera", index=99, reconnect_min_s=0.02, reconnect_max_s=0.05,
-                                      open_timeout_s=1, read_timeout_s=1))
+    source = open_source(source_settings(kind="camera", index=99, reconnect_min_s=0.02, reconnect_max_s=0.05))
     source.start()
     _wait_for(lambda: source.stats.errors >= 3)  # several failed opens, still trying
     assert not source.finished and not source.stats.connected

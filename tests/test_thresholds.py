@@ -13,7 +13,6 @@ from calibration.thresholds import (
     quantile_threshold,
     tail_fit_threshold,
 )
-from engines.decision import Normalizer
 
 
 def test_quantile_threshold_is_exact_on_known_data() -> None:
@@ -110,26 +109,3 @@ def test_threshold_config_names_bad_values() -> None:
         ThresholdConfig(policy="median")
     with pytest.raises(ValueError, match="false_reject_rate"):
         ThresholdConfig(policy="tail", false_reject_rate=0.0)
-
-
-def test_normalizer_maps_center_to_zero_and_threshold_to_one() -> None:
-    normalizer = Normalizer(threshold=7.3, center=2.1)
-    assert normalizer.normalize(7.3) == 1.0
-    assert normalizer.normalize(2.1) == 0.0
-    assert normalizer.normalize(17.7) == pytest.approx(3.0)  # unclipped
-    np.testing.assert_allclose(normalizer.normalize(np.array([2.1, 7.3])), [0.0, 1.0])
-    assert Normalizer.from_dict(normalizer.to_dict()) == normalizer
-
-
-def test_normalizer_fit_uses_the_median_good_score() -> None:
-    good = np.array([1.0, 2.0, 3.0, 100.0, 4.0])
-    normalizer = Normalizer.fit(threshold=5.0, good_scores=good)
-    assert normalizer.center == 3.0
-    assert normalizer.normalize(5.0) == 1.0
-
-
-def test_normalizer_rejects_bad_records() -> None:
-    with pytest.raises(ValueError, match="must be above its center"):
-        Normalizer(threshold=1.0, center=1.0)
-    with pytest.raises(ValueError, match="missing key.*center"):
-        Normalizer.from_dict({"threshold": 1.0})

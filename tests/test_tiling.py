@@ -6,14 +6,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engines.tiling import Stitcher, TilingConfig, iter_tiles, make_grid, prepare_frame
+import torch
+
 from calibration.calibrate import calibrate
 from calibration.data import read_image, test_samples as list_test_samples
-from engines.runtimes.onnxruntime_backend import OrtBackend, OrtBackendConfig
-from engines.runtimes.torch_backend import TorchBackend, TorchBackendConfig
-from engines.scorer import Scorer
-
-from conftest import small_model_config
+from conftest import pipeline, small_model_config
+from engines.tiling import Stitcher, TilingConfig, make_grid, tiles_of
 
 
 @pytest.mark.parametrize("frame, overlap, scale", [((500, 1250), 0.25, 1.0), ((500, 1250), 0.25, 0.5),
@@ -35,11 +33,9 @@ def test_stitching_a_frame_of_its_own_pixels_gives_the_frame_back() -> None:
     cfg = TilingConfig(enabled=True, overlap=0.3)
     grid = make_grid(frame.shape, (128, 128), cfg)
     stitcher = Stitcher(grid)
-    for idx, tiles in iter_tiles(prepare_frame(frame, grid, 1.0), grid, batch=5):
-        assert len(tiles) <= 5  # memory: one batch of tiles at a time
-        for i, tile in zip(idx, tiles):
-            stitcher.add(i, tile)
-    np.testing.assert_allclose(stitcher.result(frame.shape, 1.0), frame, rtol=1e-6)
+    for i, tile in enumerate(tiles_of(frame, grid, 1.0)):
+        stitcher.add(i, torch.from_numpy(np.ascontiguousarray(tile)))
+    np.testing.assert_allclose(stitcher.result(frame.shape, 1.0).numpy(), frame, rtol=1e-6)
 
 
 @pytest.fixture(scope="module", params=["shared", "per_position"])
@@ -51,9 +47,9 @@ def tiled_bundle(request, sample_data: Path, tmp_path_factory):
 
 def test_tiled_model_scores_alike_in_torch_and_onnxruntime(tiled_bundle, sample_data: Path) -> None:
     images = [read_image(s.path) for s in list_test_samples(sample_data)]
-    ref = Scorer(tiled_bundle, TorchBackend(tiled_bundle, TorchBackendConfig("cpu")), batch_size=4)
-    ort = Scorer(tiled_bundle, OrtBackend(tiled_bundle, OrtBackendConfig()), batch_size=5)
-    r, o = ref.score_frames(images), ort.score_frames(images)
+    # Different batch sizes: tiles of one frame split and shared across engine calls differently.
+    r = pipeline(tiled_bundle, "torch", batch_size=4).score(images)
+    o = pipeline(tiled_bundle, "onnxruntime", batch_size=5).score(images)
     for a, b in zip(r, o):
         assert a.map.shape == images[0].shape[:2]
         np.testing.assert_allclose(b.score, a.score, rtol=1e-3)
@@ -65,6 +61,5 @@ def test_tiled_model_scores_alike_in_torch_and_onnxruntime(tiled_bundle, sample_
 
 @pytest.mark.parametrize("tiled_bundle", ["per_position"], indirect=True)
 def test_per_position_model_refuses_another_frame_size(tiled_bundle) -> None:
-    scorer = Scorer(tiled_bundle, TorchBackend(tiled_bundle, TorchBackendConfig("cpu")))
-    with pytest.raises(ValueError, match="tile positions"):
-        scorer.score_frame(np.zeros((400, 400, 3), np.uint8))
+    with pytest.raises(ValueError, match="calibrated on"):
+        pipeline(tiled_bundle).score_frame(np.zeros((400, 400, 3), np.uint8))

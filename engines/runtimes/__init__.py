@@ -28,8 +28,8 @@ BACKENDS = Registry("engines.runtimes", "backend")
 
 
 class RuntimeSettings(Settings):
-    backend: BACKENDS.field() = Field(  # type: ignore[valid-type]
-        default_factory=lambda: BACKENDS.get("auto").settings(),
+    backend: BACKENDS.field("auto") = Field(  # type: ignore[valid-type]
+        default_factory=BACKENDS.default_settings("auto"),
         description="the backend: a name, or kind: and that backend's own keys; auto: TensorRT plan > torch "
                     "CUDA > ONNX Runtime CPU")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")

@@ -20,6 +20,8 @@ from typing import Any
 
 import yaml
 
+from conftest import AGENTS
+
 REPO = Path(__file__).resolve().parents[2]
 PREFIX = "plant/faults"
 WAIT_S = 60.0  # a bound on a hang on a loaded 2-core machine, not a performance claim
@@ -52,6 +54,7 @@ class Agent:
         self.proc = subprocess.Popen([sys.executable, "-m", "agent", "run", "--config", str(config), *args],
                                      cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                                      env={**os.environ, **(env or {})})
+        AGENTS.append(self.proc)
         self.lines: list[str] = []
         self.last_line_at = time.monotonic()
         self._reader = threading.Thread(target=self._read, daemon=True)

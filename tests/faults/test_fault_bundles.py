@@ -25,11 +25,11 @@ def edit_manifest(bundle: Path, change) -> None:
 
 
 DAMAGES = {
-    "edited threshold": lambda m: m["threshold"].update(threshold=m["threshold"]["threshold"] * 10),
+    "edited threshold": lambda m: m["decision"].update(image_threshold=m["decision"]["image_threshold"] * 10),
     "path out of the bundle": lambda m: m["files"].update({"../outside.bin": "0" * 64}),
-    "missing key": lambda m: m.pop("input"),
-    "wrong type": lambda m: m["input"].update(size="256x256"),
-    "absurd input size": lambda m: m["input"].update(size=[100000, 100000]),
+    "missing key": lambda m: m.pop("frame_size"),
+    "wrong type": lambda m: m["model"].update(input_size="256x256"),
+    "absurd input size": lambda m: m["model"].update(input_size=[100000, 100000]),
 }
 
 
@@ -57,7 +57,7 @@ def test_a_tampered_tensor_is_refused(mosquitto, padim_bundle, tmp_path) -> None
 
 def calibrate(data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
     config = out.parent / f"{out.name}-calibration.yaml"
-    config.write_text("model:\n  input_size: [64, 64]\n  padim:\n    dims: 16\n" + "".join(extra))
+    config.write_text("model:\n  input_size: [64, 64]\n  method:\n    dims: 16\n" + "".join(extra))
     return subprocess.run([sys.executable, "-m", "agent", "calibrate", "--config", str(config), "--data", str(data),
                            "--out", str(out)], cwd=REPO, capture_output=True, text=True, timeout=300)
 

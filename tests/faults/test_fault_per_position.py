@@ -17,7 +17,7 @@ def per_position_bundle(sample_data, tmp_path_factory):
     from calibration.settings import ModelConfig
     from calibration.calibrate import calibrate
 
-    cfg = ModelConfig.model_validate({"input_size": [64, 64], "padim": {"dims": 32},
+    cfg = ModelConfig.model_validate({"input_size": [64, 64], "method": {"dims": 32},
                                       "tiling": {"enabled": True, "overlap": 0.25, "stats": "per_position"}})
     return calibrate(sample_data, tmp_path_factory.mktemp("pp") / "bundle", cfg, progress=False)
 
