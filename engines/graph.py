@@ -7,6 +7,8 @@ Outputs are the method network's outputs (a list of tensors), read by the method
 """
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
@@ -17,7 +19,7 @@ from engines.backbones import NORMALISATION, FeatureNet, FeatureSpec, make_backb
 if TYPE_CHECKING:
     from engines.model import ModelSpec
 
-__all__ = ["EngineGraph", "build_engine", "feature_network"]
+__all__ = ["EngineGraph", "build_engine", "feature_network", "pretrained_graph"]
 
 
 class EngineGraph(nn.Module):
@@ -47,10 +49,16 @@ def build_engine(spec: "ModelSpec", pretrained: bool = False, weights: str | Non
     return EngineGraph(network, mean, std).eval()
 
 
+def pretrained_graph(spec: "ModelSpec", network: Callable[..., nn.Module], weights: Path | None,
+                     device: torch.device | str = "cpu") -> EngineGraph:
+    """The engine graph for fitting: the method's ``network`` with the backbone's pretrained weights."""
+    mean, std = NORMALISATION[spec.backbone]
+    built = network(spec, pretrained=True, weights=str(weights) if weights else None)
+    return EngineGraph(built, mean, std).to(device).eval()
+
+
 def feature_network(spec: "ModelSpec", pool: int = 1, pretrained: bool = False,
                     weights: str | None = None) -> FeatureNet:
     """The backbone's taps, resized to the finest and concatenated (locally averaged by ``pool``)."""
-    from pathlib import Path
-
     backbone = make_backbone(spec.backbone, Path(weights) if weights else None, pretrained=pretrained)
     return FeatureNet(backbone, FeatureSpec(spec.backbone, tuple(spec.taps), pool))

@@ -56,8 +56,13 @@ class Registry:
         self._lock = threading.RLock()  # a plugin module may ask for kinds while being scanned
 
     def register(self, plugin: Plugin) -> None:
+        """Add a plugin from outside the package (an integrator's module, a test)."""
         self._scan()
         self._add(plugin)
+
+    def unregister(self, kind: str) -> None:
+        self._scan()
+        self._plugins.pop(kind, None)
 
     def get(self, kind: str) -> Plugin:
         self._scan()

@@ -17,8 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.backbones import NORMALISATION
-from engines.graph import EngineGraph, feature_network
+from engines.graph import feature_network, pretrained_graph
 from engines.methods import FitContext, Fitted
 from engines.methods.algan import AlganSettings
 from engines.methods.autoencoder.method import PIXEL_CHANNELS, Decoder, check_size, feature_range
@@ -74,9 +73,8 @@ def fit(spec: ModelSpec, context: FitContext) -> Fitted:
     t: AlganSettings = spec.method
     device = train_device()
     gen = seed_everything(context.seed)
-    weights = str(context.weights) if context.weights else None
-    engine = network(spec, pretrained=True, weights=weights).to(device)
-    graph = EngineGraph(engine, *NORMALISATION[spec.backbone]).to(device).eval()
+    graph = pretrained_graph(spec, network, context.weights, device)
+    engine = graph.network
     if t.on_features:
         prepare = lambda x: engine.features(graph.normalise(x))  # noqa: E731
         data = load_all(context.train, "features", prepare, device)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engines.backbones import NORMALISATION, FeatureNet
-from engines.graph import EngineGraph, feature_network
+from engines.graph import feature_network, pretrained_graph
 from engines.methods import FitContext, Fitted
 from engines.methods.autoencoder import AutoencoderSettings
 from engines.model import ModelSpec
@@ -194,9 +194,8 @@ def fit(spec: ModelSpec, context: FitContext) -> Fitted:
     t: AutoencoderSettings = spec.method
     device = train_device()
     gen = seed_everything(context.seed)
-    weights = str(context.weights) if context.weights else None
-    engine = network(spec, pretrained=True, weights=weights).to(device)
-    graph = EngineGraph(engine, *NORMALISATION[spec.backbone]).to(device).eval()
+    graph = pretrained_graph(spec, network, context.weights, device)
+    engine = graph.network
     if t.on_features:
         # The frozen backbone runs once per image; training sees only its features.
         prepare = lambda x: engine.features(graph.normalise(x))  # noqa: E731

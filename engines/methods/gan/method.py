@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.backbones import NORMALISATION
-from engines.graph import EngineGraph
+from engines.graph import pretrained_graph
 from engines.methods import FitContext, Fitted
 from engines.methods.autoencoder.method import PIXEL_CHANNELS, Decoder, Encoder, check_size
 from engines.methods.gan import GanSettings
@@ -103,8 +102,8 @@ def fit(spec: ModelSpec, context: FitContext) -> Fitted:
     t: GanSettings = spec.method
     device = train_device()
     gen = seed_everything(context.seed)
-    net = ReconstructionGan(spec.input_hw, t.latent_dim, PIXEL_CHANNELS, DISC_CHANNELS).to(device)
-    graph = EngineGraph(net, *NORMALISATION[spec.backbone]).to(device)
+    graph = pretrained_graph(spec, network, context.weights, device)
+    net: ReconstructionGan = graph.network
     data = load_all(context.train, "images", graph.normalise, device)
     held = load_all(context.held_out, "images (held out)", graph.normalise, device)
     enc_gen = list(net.encoder.parameters()) + list(net.generator.parameters())

@@ -12,8 +12,7 @@ import time
 import torch
 from torch import nn
 
-from engines.graph import EngineGraph, feature_network
-from engines.backbones import NORMALISATION
+from engines.graph import feature_network, pretrained_graph
 from engines.mahalanobis import GaussianAccumulator, MahalanobisHead
 from engines.methods import FitContext, Fitted
 from engines.model import ModelSpec
@@ -59,11 +58,11 @@ def head(spec: ModelSpec, tensors: dict[str, torch.Tensor]) -> nn.Module:
 @torch.inference_mode()
 def fit(spec: ModelSpec, context: FitContext) -> Fitted:
     start = time.perf_counter()
-    net = PadimNetwork(spec, pretrained=True, weights=str(context.weights) if context.weights else None)
+    graph = pretrained_graph(spec, network, context.weights)
+    net: PadimNetwork = graph.network
     gen = torch.Generator().manual_seed(context.seed)
     chosen = torch.randperm(net.features.channels, generator=gen)[:len(net.channels)].sort().values
     net.channels.copy_(chosen)
-    graph = EngineGraph(net, *NORMALISATION[spec.backbone]).eval()
     acc, tiles = None, 0
     groups = context.train.per_image("padim fit") if spec.per_position else context.train.batches("padim fit")
     for x in groups:

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engines.backbones import NORMALISATION
-from engines.graph import EngineGraph, feature_network
+from engines.graph import feature_network, pretrained_graph
 from engines.knn import MAX_BANK_BYTES, SEARCH_BYTES, KnnIndex, greedy_coreset, patches, sq_distances
 from engines.methods import FitContext, Fitted
 from engines.model import ModelSpec
@@ -87,8 +86,7 @@ def fit(spec: ModelSpec, context: FitContext) -> Fitted:
     start = time.perf_counter()
     settings: PatchcoreSettings = spec.method
     device = train_device()
-    weights = str(context.weights) if context.weights else None
-    graph = EngineGraph(network(spec, pretrained=True, weights=weights), *NORMALISATION[spec.backbone]).to(device)
+    graph = pretrained_graph(spec, network, context.weights, device)
     gen = torch.Generator().manual_seed(context.seed)
     keep, chunks, seen = 1.0, [], 0
     for x in context.train.batches("patchcore features"):

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from engines.backbones import NORMALISATION
-from engines.graph import EngineGraph, feature_network
+from engines.graph import feature_network, pretrained_graph
 from engines.knn import MAX_BANK_BYTES, SEARCH_BYTES, KnnIndex, patches
 from engines.methods import FitContext, Fitted
 from engines.model import ModelSpec
@@ -70,8 +69,7 @@ def fit(spec: ModelSpec, context: FitContext) -> Fitted:
     start = time.perf_counter()
     settings: SpadeSettings = spec.method
     device = train_device()
-    weights = str(context.weights) if context.weights else None
-    graph = EngineGraph(network(spec, pretrained=True, weights=weights), *NORMALISATION[spec.backbone]).to(device)
+    graph = pretrained_graph(spec, network, context.weights, device)
     gen = torch.Generator().manual_seed(context.seed)
     keep = 1.0
     pooled: list[Tensor] = []
