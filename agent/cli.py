@@ -55,7 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     sp = add("calibrate", cmd_calibrate, "fit a model on DIR/train/good and write a bundle")
     sp.add_argument("--data", type=Path, required=True)
     sp.add_argument("--out", type=Path, required=True)
-    sp.add_argument("--method", default=None, help="overrides model.method")
+    sp.add_argument("--method", default=None, help="overrides model.method's kind (a different method starts from "
+                                                    "its defaults)")
     sp.add_argument("--tiled", action="store_true", help="overrides model.tiling.enabled")
     sp = add("evaluate", cmd_evaluate, "evaluate a bundle on DIR/test")
     sp.add_argument("--model", type=Path, required=True)
@@ -98,8 +99,8 @@ def cmd_check_config(args: argparse.Namespace, cfg: Config) -> int:
 def cmd_calibrate(args: argparse.Namespace, cfg: Config) -> int:
     from calibration.calibrate import calibrate
 
-    if args.method:
-        cfg.model.method = args.method  # a name: that method with its default settings
+    if args.method and args.method != cfg.model.method.kind:
+        cfg.model.method = args.method  # another method: its default settings
     if args.tiled:
         cfg.model.tiling.enabled = True
     preflight(cfg, args.config)
