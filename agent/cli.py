@@ -61,13 +61,14 @@ def _parser() -> argparse.ArgumentParser:
     sp = add("evaluate", cmd_evaluate, "evaluate a bundle on DIR/test")
     sp.add_argument("--model", type=Path, required=True)
     sp.add_argument("--data", type=Path, required=True)
-    sp.add_argument("--backend", default=None, help="overrides runtime.backend (auto|torch|onnxruntime|tensorrt)")
+    sp.add_argument("--backend", default=None,
+                    help="overrides runtime.backend (auto|torch|onnxruntime|openvino|tensorrt)")
     sp.add_argument("--json", action="store_true", help="print the metrics as one JSON object on stdout")
     sp.add_argument("--report", type=Path, default=None, help="write the report (HTML, curves, heatmaps) here")
     sp.add_argument("--no-mask", action="store_true", help="score without the bundle's object mask (to compare)")
     sp = add("run", cmd_run, "the service: frames from source, verdicts and heatmaps to mqtt")
     sp.add_argument("--max-frames", type=int, default=0, help="stop after this many frames (0 = no limit)")
-    sp = add("build-engine", cmd_build_engine, "compile the bundle's network into a TensorRT plan for this GPU")
+    sp = add("build-engine", cmd_build_engine, "compile the bundle's score graph into a TensorRT plan for this GPU")
     sp.add_argument("--model", type=Path, required=True, help="the bundle directory")
     sp.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16")
     sp.add_argument("--batch", type=int, default=8, help="largest batch the plan serves (profile 1..N)")
@@ -77,8 +78,12 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--workspace-mb", type=int, default=2048, help="builder workspace memory pool limit")
     sp = add("bench", cmd_bench, "benchmark the frame path: images/s, p50/p99 latency, stage times, peak memory")
     sp.add_argument("--model", type=Path, required=True, help="the bundle directory")
-    sp.add_argument("--backend", default="torch,onnxruntime",
-                    help="comma list of backends (auto, onnxruntime, onnxruntime-int8, torch, torch-fp16, tensorrt)")
+    sp.add_argument("--backend", default="onnxruntime-previous,onnxruntime,openvino",
+                    help="comma list of backends (auto, torch, onnxruntime, onnxruntime-int8, openvino, openvino-bf16, "
+                         "openvino-int8, onnxruntime-previous, torch-cuda, torch-fp16, tensorrt)")
+    sp.add_argument("--reference", default="onnxruntime-previous",
+                    help="ratios are to this backend's figures from the same round")
+    sp.add_argument("--rounds", type=int, default=1, help="repeat the backends this many times, interleaved")
     sp.add_argument("--batch", default="1,8", help="comma list of frames per call")
     sp.add_argument("--iterations", type=int, default=20, help="timed calls per backend and batch size")
     sp.add_argument("--warmup", type=int, default=2)

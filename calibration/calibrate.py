@@ -2,7 +2,8 @@
 
     train/good -> fit split + held-out split (model.holdout, seeded)
     fit split  -> the method's fit (engines/methods/<method>): engine weights, head statistics
-    engine     -> model.onnx (uint8 input, dynamic batch)
+    the score path (engine, head, upsample, blur) -> model.onnx: uint8 tiles in, maps and
+                  image scores out, the head statistics as inputs (engines/score.py)
     held out   -> scored through the same Pipeline as the line: the image threshold (policy on
                   their image scores), the pixel threshold (a quantile of their map values),
                   and the median good score (the normalised score's zero)
@@ -26,13 +27,13 @@ from calibration.data import read_image, train_samples
 from calibration.images import TrainImages
 from calibration.settings import ModelConfig
 from calibration.thresholds import choose_threshold, pixel_threshold
-from engines.bundle import MANIFEST, Bundle, Manifest, load_bundle, write_manifest, write_tensors
+from engines.bundle import MANIFEST, ONNX, Bundle, Manifest, load_bundle, write_manifest, write_tensors
 from engines.decision import Decision
-from engines.export import export_onnx
-from engines.graph import build_engine
 from engines.methods import FitContext, implementation
 from engines.pipeline import Pipeline
 from engines.runtimes.torch_backend import TorchBackend, TorchSettings
+from engines.score import build_score_graph, export_score_onnx
+from engines.tiling import make_grid
 
 log = logging.getLogger(__name__)
 
@@ -104,11 +105,11 @@ def _write_bundle(data: Path, path: Path, cfg: ModelConfig, progress: bool) -> M
     context = FitContext(train, held_out, cfg.seed, cfg.weights, cfg.batch_size, progress)
     fitted = implementation(spec.method.kind).fit(spec, context)
     write_tensors(path, fitted.network_state, fitted.head_tensors)
-    graph = build_engine(spec)
-    graph.load_state_dict(fitted.network_state, strict=True)
-    export_onnx(graph, path / "model.onnx", spec.input_hw)
-    manifest = Manifest(model=spec, frame_size=list(read_image(fit_paths[0]).shape[:2]), decision=_UNDECIDED,
-                        score_stats={"fit": fitted.info})
+    frame_hw = read_image(fit_paths[0]).shape[:2]
+    score_graph = build_score_graph(spec, fitted.network_state, fitted.head_tensors)
+    tiles = len(make_grid(frame_hw, spec.input_hw, spec.tiling)) if spec.per_position else 2
+    export_score_onnx(score_graph, fitted.head_tensors, path / ONNX, example_batch=tiles)
+    manifest = Manifest(model=spec, frame_size=list(frame_hw), decision=_UNDECIDED, score_stats={"fit": fitted.info})
     if spec.mask.kind != "none":
         from calibration.masks import fit_mask
 

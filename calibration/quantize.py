@@ -1,10 +1,14 @@
-"""``python -m calibration.quantize``: write the bundle's INT8 network, and measure what it costs.
+"""``python -m calibration.quantize``: write the bundle's INT8 score graph, and measure what it costs.
 
-    python -m calibration.quantize --model BUNDLE --data DIR [--images 32] [--measure]
+    python -m calibration.quantize --model BUNDLE --data DIR [--runtime onnxruntime|openvino]
+                                   [--images 32] [--measure]
 
-``--measure`` evaluates DIR/test with the FP32 and the INT8 network and prints both metric sets
-and their difference: quantisation changes scores, so it is accepted on measured accuracy,
-not on parity. Serve it with ``runtime.backend: {kind: onnxruntime, network: int8}``.
+``--runtime onnxruntime`` writes model.int8.onnx (ONNX Runtime static quantisation), ``openvino``
+writes model.int8.xml/.bin (NNCF post-training quantisation); both quantise the network only
+(engines/quantize.py). ``--measure`` evaluates DIR/test with the FP32 and the INT8 graph on that
+runtime and prints both metric sets and their difference: quantisation changes scores, so it is
+accepted on measured accuracy, not on parity. Serve it with ``runtime.backend: {kind:
+onnxruntime, network: int8}`` or ``{kind: openvino, precision: int8}``.
 """
 from __future__ import annotations
 
@@ -17,22 +21,24 @@ from typing import Any
 from calibration.evaluate import evaluate
 from engines.bundle import Bundle, load_bundle
 from engines.pipeline import Pipeline
-from engines.quantize import INT8_ONNX, quantize_bundle
+from engines.quantize import INT8_FILES, quantize_bundle
 from engines.runtimes import RuntimeSettings, open_backend
 
+KEYS = ("image_auroc", "pixel_auroc", "pixel_aupr", "aupro", "f1_max", "ms_per_image")
+BACKENDS = {"onnxruntime": ({"kind": "onnxruntime"}, {"kind": "onnxruntime", "network": "int8"}),
+            "openvino": ({"kind": "openvino"}, {"kind": "openvino", "precision": "int8"})}
 
-def measure(bundle: Bundle, data: Path) -> dict[str, Any]:
-    """evaluate() on DIR/test with the FP32 and the INT8 ONNX network; overall metrics and the change."""
-    keys = ("image_auroc", "pixel_auroc", "pixel_aupr", "aupro", "f1_max", "ms_per_image")
+
+def measure(bundle: Bundle, data: Path, runtime: str) -> dict[str, Any]:
+    """evaluate() on DIR/test with the FP32 and the INT8 graph on ``runtime``; overall metrics and the change."""
     out: dict[str, Any] = {}
-    for network, model in (("fp32", "model.onnx"), ("int8", INT8_ONNX)):
-        runtime = RuntimeSettings.model_validate({"backend": {"kind": "onnxruntime", "network": network},
-                                                  "fallback": False})
-        backend, _ = open_backend(bundle, runtime)
-        ev = evaluate(bundle, Pipeline(bundle, backend, runtime), data, progress=sys.stderr.isatty())
-        s = ev.summary(bundle, model)
-        out[model] = {k: s[k] for k in keys}
-    out["int8_minus_fp32"] = {k: out[INT8_ONNX][k] - out["model.onnx"][k] for k in keys}
+    for label, backend in zip(("fp32", "int8"), BACKENDS[runtime]):
+        settings = RuntimeSettings.model_validate({"backend": backend, "fallback": False})
+        opened, _ = open_backend(bundle, settings)
+        ev = evaluate(bundle, Pipeline(bundle, opened, settings), data, progress=sys.stderr.isatty())
+        s = ev.summary(bundle, opened.name)
+        out[label] = {k: s[k] for k in KEYS}
+    out["int8_minus_fp32"] = {k: out["int8"][k] - out["fp32"][k] for k in KEYS}
     return out
 
 
@@ -40,15 +46,18 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m calibration.quantize", description=__doc__.splitlines()[0])
     p.add_argument("--model", type=Path, required=True)
     p.add_argument("--data", type=Path, required=True, help="DIR/train/good: calibration images")
+    p.add_argument("--runtime", choices=tuple(INT8_FILES), default="onnxruntime")
     p.add_argument("--images", type=int, default=32)
-    p.add_argument("--measure", action="store_true", help="evaluate DIR/test with both networks")
+    p.add_argument("--measure", action="store_true", help="evaluate DIR/test with both graphs")
     args = p.parse_args(argv)
-    bundle = quantize_bundle(load_bundle(args.model), args.data, args.images)
+    bundle = quantize_bundle(load_bundle(args.model), args.data, args.images, args.runtime)
+    int8 = bundle.path / INT8_FILES[args.runtime]
     result: dict[str, Any] = {"bundle": str(bundle.path), "model_id": bundle.manifest.model_id,
-                              "int8_onnx_bytes": (bundle.path / INT8_ONNX).stat().st_size,
+                              "int8_graph": int8.name, "int8_bytes": sum(
+                                  f.stat().st_size for f in (int8, int8.with_suffix(".bin")) if f.is_file()),
                               "fp32_onnx_bytes": bundle.onnx_path.stat().st_size}
     if args.measure:
-        result["accuracy"] = measure(bundle, args.data)
+        result["accuracy"] = measure(bundle, args.data, args.runtime)
     print(json.dumps(result, indent=2))
     return 0
 

@@ -1,10 +1,11 @@
-"""``build-engine``: compile the bundle's network into a TensorRT plan for this GPU (offline, once per device)
+"""``build-engine``: compile the bundle's score graph into a TensorRT plan for this GPU (offline, once per device)
 
-Steps: make sure the bundle holds the network as ONNX with a dynamic batch axis (re-exported
-from network.safetensors if not), then, where the ``tensorrt`` module imports and torch sees a
+Steps: make sure the bundle holds the score graph as ONNX with a dynamic batch axis (re-exported
+from the bundle's tensors if not), then, where the ``tensorrt`` module imports and torch sees a
 CUDA device, build a serialized plan with the TensorRT 10 Python API (optimisation profile for
-batch 1..N, FP16 or INT8 with an entropy calibrator fed by good images, a timing cache kept
-beside the plans) and write it with its manifest to ``BUNDLE/plans``.
+batch 1..N and the head statistics' shapes, FP16 or INT8 with an entropy calibrator fed by good
+images for the network while the head stays FP32, a timing cache kept beside the plans) and write
+it with its manifest to ``BUNDLE/plans``.
 
 TensorRT cannot be installed in the workplace this was written in: the build code follows
 the TensorRT 10 API but has not been run (see docs/engines.md).
@@ -21,7 +22,7 @@ from typing import Any, Iterator
 import torch
 
 from engines.bundle import Bundle, load_bundle, sha256, write_manifest
-from engines.plan import (PRECISIONS, PlanManifest, batch_profile, plan_name, plan_paths,
+from engines.plan import (PlanManifest, batch_profile, plan_name, plan_paths, statistic_shapes,
                           write_plan_manifest)
 
 log = logging.getLogger(__name__)
@@ -35,7 +36,7 @@ def command(args: argparse.Namespace, cfg: Any) -> int:
     if args.precision == "int8" and args.data is None:
         raise ValueError("build-engine --precision int8 needs --data DIR with good images for calibration")
     bundle = load_bundle(args.model)
-    onnx_path = ensure_dynamic_onnx(bundle)
+    onnx_path = ensure_score_onnx(bundle)
     try:
         import tensorrt as trt
     except ImportError:
@@ -53,27 +54,31 @@ def command(args: argparse.Namespace, cfg: Any) -> int:
     return 0
 
 
-def has_dynamic_batch(onnx_path: Path) -> bool:
+def is_score_graph(onnx_path: Path) -> bool:
+    """Whether the file is a score graph (outputs map and score) with a dynamic batch axis."""
     import onnx
 
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    dim0 = model.graph.input[0].type.tensor_type.shape.dim[0]
-    return bool(dim0.dim_param) or not dim0.HasField("dim_value")
+    graph = onnx.load(str(onnx_path), load_external_data=False).graph
+    dim0 = graph.input[0].type.tensor_type.shape.dim[0]
+    dynamic = bool(dim0.dim_param) or not dim0.HasField("dim_value")
+    return dynamic and [o.name for o in graph.output] == ["map", "score"]
 
 
-def ensure_dynamic_onnx(bundle: Bundle) -> Path:
-    """The bundle's ONNX with a dynamic batch axis; exported (and the manifest re-hashed) if missing."""
+def ensure_score_onnx(bundle: Bundle) -> Path:
+    """The bundle's score graph as ONNX; exported (and the manifest re-hashed) if missing."""
     path = bundle.onnx_path
-    if path.is_file() and has_dynamic_batch(path):
+    if path.is_file() and is_score_graph(path):
         return path
-    from engines.export import export_onnx
-    from engines.graph import build_engine
+    from engines.score import build_score_graph, export_score_onnx
+    from engines.tiling import make_grid
 
-    log.info("exporting %s with a dynamic batch axis", path)
-    graph = build_engine(bundle.manifest.model)
-    graph.load_state_dict(bundle.network_state(), strict=True)
-    export_onnx(graph, path, bundle.manifest.input_hw)
-    write_manifest(bundle.path, bundle.manifest)
+    log.info("exporting the score graph to %s", path)
+    m = bundle.manifest
+    tensors = bundle.head_tensors()
+    graph = build_score_graph(m.model, bundle.network_state(), tensors)
+    tiles = len(make_grid(tuple(m.frame_size), m.input_hw, m.model.tiling)) if m.model.per_position else 2
+    export_score_onnx(graph, tensors, path, example_batch=tiles)
+    write_manifest(bundle.path, m)
     return path
 
 
@@ -96,7 +101,9 @@ def build_plan(trt: Any, bundle: Bundle, precision: str, profile: dict[str, list
     if not parser.parse_from_file(str(bundle.onnx_path)):
         errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
         raise ValueError(f"{bundle.onnx_path}: TensorRT cannot parse the ONNX network: {errors}")
-    inp = network.get_input(0)
+    inputs = [network.get_input(i) for i in range(network.num_inputs)]
+    inp = next(t for t in inputs if t.name == "input")
+    stat_shapes = statistic_shapes(bundle, [t.name for t in inputs if t.name != "input"])
     outputs = [network.get_output(i).name for i in range(network.num_outputs)]
     h, w = bundle.manifest.input_hw
 
@@ -105,9 +112,12 @@ def build_plan(trt: Any, bundle: Bundle, precision: str, profile: dict[str, list
     opt_profile = builder.create_optimization_profile()
     shapes = {k: (v[0], h, w, 3) for k, v in profile.items()}  # uint8 NHWC, as the engine graph takes
     opt_profile.set_shape(inp.name, shapes["min"], shapes["opt"], shapes["max"])
+    for name, shape in stat_shapes.items():  # fixed: the bundle's statistics, bound once at start-up
+        opt_profile.set_shape(name, shape, shape, shape)
     config.add_optimization_profile(opt_profile)
     if precision in ("fp16", "int8"):
         config.set_flag(trt.BuilderFlag.FP16)  # INT8 layers fall back to FP16, not FP32, where faster
+        keep_head_fp32(trt, network, config)
     calibrator = None
     if precision == "int8":
         if not builder.platform_has_fast_int8:
@@ -117,10 +127,12 @@ def build_plan(trt: Any, bundle: Bundle, precision: str, profile: dict[str, list
         cal_profile = builder.create_optimization_profile()
         cal_shape = (cal_batch, h, w, 3)
         cal_profile.set_shape(inp.name, cal_shape, cal_shape, cal_shape)
+        for name, shape in stat_shapes.items():
+            cal_profile.set_shape(name, shape, shape, shape)
         config.set_calibration_profile(cal_profile)
         name = plan_name(precision, profile["max"][0], cc)
         calibrator = make_calibrator(trt, calibration_batches(bundle, data, n_calibration, cal_batch), cal_batch,
-                                     plan_paths(bundle.path, name)[0].with_suffix(".calib"))
+                                     plan_paths(bundle.path, name)[0].with_suffix(".calib"), bundle)
         config.int8_calibrator = calibrator
 
     cache_path = bundle.path / "plans" / TIMING_CACHE
@@ -140,10 +152,24 @@ def build_plan(trt: Any, bundle: Bundle, precision: str, profile: dict[str, list
     cache_path.write_bytes(bytes(config.get_timing_cache().serialize()))
     manifest = PlanManifest(tensorrt_version=trt.__version__, gpu_name=gpu_name, compute_capability=cc,
                             precision=precision, input_name=inp.name, input_hw=[h, w], profile=profile,
-                            output_names=outputs, onnx_sha256=sha256(bundle.onnx_path),
+                            output_names=outputs, onnx_sha256=sha256(bundle.onnx_path), statistics=stat_shapes,
                             plan_sha256=sha256(plan_path), build_s=build_s)
     write_plan_manifest(manifest_path, manifest)
     return plan_path, manifest
+
+
+def keep_head_fp32(trt: Any, network: Any, config: Any) -> None:
+    """Reduced precision for the network only: the head (distances, sums of squares) and the
+    upsample stay FP32, as on every other runtime. Layers outside the engine graph's ONNX scope
+    ("/graph/engine/...") are pinned to FP32."""
+    config.set_flag(trt.BuilderFlag.PREFER_PRECISION_CONSTRAINTS)
+    for i in range(network.num_layers):
+        layer = network.get_layer(i)
+        if not layer.name.startswith("/graph/engine/"):
+            layer.precision = trt.float32
+            for j in range(layer.num_outputs):
+                if layer.get_output(j).dtype in (trt.float32, trt.float16):
+                    layer.set_output_type(j, trt.float32)
 
 
 def calibration_paths(data: Path, limit: int) -> list[Path]:
@@ -177,8 +203,12 @@ def calibration_batches(bundle: Bundle, data: Path, limit: int, batch: int) -> I
             pending = pending[batch:]
 
 
-def make_calibrator(trt: Any, batches: Iterator[torch.Tensor], batch: int, cache: Path) -> Any:
-    """An IInt8EntropyCalibrator2 that hands TensorRT torch CUDA buffers (torch owns the memory)."""
+def make_calibrator(trt: Any, batches: Iterator[torch.Tensor], batch: int, cache: Path, bundle: Bundle) -> Any:
+    """An IInt8EntropyCalibrator2 that hands TensorRT torch CUDA buffers (torch owns the memory): the
+    tiles, and the head statistics (the same buffers every batch)."""
+    from engines.runtimes.base import statistics
+
+    stats: dict[str, torch.Tensor] = {}
 
     class EntropyCalibrator(trt.IInt8EntropyCalibrator2):
         def __init__(self) -> None:
@@ -193,8 +223,10 @@ def make_calibrator(trt: Any, batches: Iterator[torch.Tensor], batch: int, cache
             if x is None:
                 return None
             self.current = x.cuda().contiguous()  # kept alive until the next call
+            missing = [n for n in names if n != "input" and n not in stats]
+            stats.update({n: torch.from_numpy(a).cuda() for n, a in statistics(bundle, missing).items()})
             torch.cuda.current_stream().synchronize()
-            return [int(self.current.data_ptr())]
+            return [int((self.current if n == "input" else stats[n]).data_ptr()) for n in names]
 
         def read_calibration_cache(self) -> bytes | None:
             return cache.read_bytes() if cache.is_file() else None

@@ -46,10 +46,11 @@ if TYPE_CHECKING:
 __all__ = ["FORMAT", "HEAD", "MANIFEST", "NETWORK", "ONNX", "Bundle", "BundleError", "Manifest", "load_bundle",
            "model_id", "sha256", "versions", "write_manifest", "write_tensors"]
 
-FORMAT = "inspection-bundle/3"
+FORMAT = "inspection-bundle/4"
 # Format 1 ids covered only hashes and decision settings; format 2 kept method settings as untyped
-# dicts and normalised outside the engine. Such bundles must be recalibrated.
-OLDER_FORMATS = ("inspection-bundle/1", "inspection-bundle/2")
+# dicts and normalised outside the engine; format 3's model.onnx was the network alone, where
+# format 4's is the whole score graph. Such bundles must be recalibrated.
+OLDER_FORMATS = ("inspection-bundle/1", "inspection-bundle/2", "inspection-bundle/3")
 MANIFEST, NETWORK, HEAD, ONNX = "manifest.json", "network.safetensors", "head.safetensors", "model.onnx"
 
 
@@ -77,7 +78,7 @@ class MaskReference(Settings):
 class Manifest(Settings):
     """What a bundle is; validated by the same models as the configuration (``ModelSpec``)."""
 
-    format: Literal["inspection-bundle/3"] = FORMAT
+    format: Literal["inspection-bundle/4"] = FORMAT
     model: ModelSpec = Field(description="the method and its settings, backbone, taps, input, tiling, mask")
     frame_size: list[int] = Field(description="[height, width] of the frames calibrated on")
     decision: Decision = Field(description="the image and pixel thresholds (engines/decision.py)")

@@ -66,7 +66,13 @@ class MahalanobisHead(torch.nn.Module):
         self.factor = factor
         self.chunk_bytes = int(chunk_bytes)
         self.register_buffer("mean", mean.float())
-        self.register_buffer("matrix", matrix.half() if half else matrix)
+        # Named for what it holds: "inv_cov" is also the bundle's tensor name (the score graph takes it as input).
+        self.matrix_name = "inv_cov" if factor == "inverse" else "cholesky"
+        self.register_buffer(self.matrix_name, matrix.half() if half else matrix)
+
+    @property
+    def matrix(self) -> torch.Tensor:
+        return getattr(self, self.matrix_name)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         b, _, h, w = features.shape
@@ -75,11 +81,14 @@ class MahalanobisHead(torch.nn.Module):
         diff = (x - self.mean[:, None, :]).contiguous()
         p, _, d = diff.shape
         compute = self.matrix.dtype if self.matrix.is_cuda else torch.float32
-        # One pass over all positions unless the matrices must be converted (CPU + FP16 storage).
-        step = p if compute == self.matrix.dtype else max(1, self.chunk_bytes // (4 * d * d))
-        dist = torch.empty(p, b, dtype=torch.float32, device=features.device)
-        for s in range(0, p, step):
-            part = diff[s:s + step]
-            proj = torch.bmm(part.to(compute), self.matrix[s:s + step].to(compute)).float()
-            dist[s:s + step] = proj.square().sum(-1) if self.factor == "cholesky" else (proj * part).sum(-1)
-        return dist.clamp_min_(0).sqrt_().t().reshape(b, h, w)
+        if compute == self.matrix.dtype:
+            # One product over all positions (no slicing: a sliced matrix is a copy in an exported graph).
+            return self._distance(diff, torch.bmm(diff.to(compute), self.matrix).float(), b, h, w)
+        # FP16 storage on the CPU: positions upcast to FP32 in chunks that stay in cache.
+        step = max(1, self.chunk_bytes // (4 * d * d))
+        proj = torch.cat([torch.bmm(diff[s:s + step], self.matrix[s:s + step].float()) for s in range(0, p, step)])
+        return self._distance(diff, proj, b, h, w)
+
+    def _distance(self, diff: torch.Tensor, proj: torch.Tensor, b: int, h: int, w: int) -> torch.Tensor:
+        dist = proj.square().sum(-1) if self.factor == "cholesky" else (proj * diff).sum(-1)
+        return dist.clamp_min(0).sqrt().t().reshape(b, h, w)

@@ -5,19 +5,19 @@ The service, ``evaluate``, calibration's threshold scoring and ``bench`` all sco
 
     frames (uint8 BGR or grey, any size)
       prepare      resized to the model input, or cut into input-size tiles (host; tiles are views)
-      network      batches of the tiles of one or more frames, uint8, through the engine graph
-                   (normalisation and the network; engines/graph.py) on the backend's device
-      head         the method's score map (and its own image score) on that device
-      postprocess  upsampled to the tile size and blurred (separable Gaussian), on the device
+      score        batches of the tiles of one or more frames, uint8, through the bundle's score
+                   graph on the backend (engines/score.py: normalisation, network, head, upsample
+                   and blur, one compiled graph): a map per tile and an image score per tile
       stitch       a frame's tiles averaged into one map, at most ``map_max_side`` long, on the
                    device; then one download per frame
       mask         the object mask weights the map (host)
 
-Everything that does not depend on the frame (the head's statistics on the device, the blur
-kernel, tile grids per frame size, the mask's references) is prepared once, at start-up.
+Everything that does not depend on the frame (the head's statistics, bound into the runtime;
+tile grids per frame size; the mask's references) is prepared once, at start-up. With
+``tiling.stats: per_position`` a frame's tiles are one call (the head reads them as one mosaic).
 
 The image score: the peak of the (weighted) map, or, for a method with its own image score
-(SPADE, PatchCore reweighted), that score; with an object mask, either is multiplied by the
+(SPADE, PatchCore reweighted), the score graph's score; with an object mask, either is multiplied by the
 mask's weight at the weighted map's peak, so the mask acts on every method's score the same
 way. A tiled frame is as anomalous as its worst tile.
 
@@ -26,11 +26,10 @@ events once the frame's map is downloaded, so no stage adds a synchronise of its
 """
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
 from functools import lru_cache
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Iterator
 
 import cv2
 import numpy as np
@@ -38,8 +37,7 @@ import torch
 import torch.nn.functional as F
 
 from engines.masks import ObjectMask, load_mask
-from engines.methods import implementation
-from engines.tiling import Stitcher, TileGrid, make_grid, mosaic, tiles_of, unmosaic
+from engines.tiling import Stitcher, TileGrid, make_grid, tiles_of
 
 if TYPE_CHECKING:
     from engines.bundle import Bundle
@@ -78,13 +76,6 @@ def model_inputs(image: np.ndarray, input_hw: tuple[int, int], tiling: "TilingCo
     return tiles_of(image, grid or make_grid(image.shape[:2], input_hw, tiling), tiling.scale)
 
 
-def gaussian_kernel(sigma: float) -> torch.Tensor:
-    radius = max(1, int(math.ceil(4 * sigma)))
-    x = torch.arange(-radius, radius + 1, dtype=torch.float32)
-    k = torch.exp(-(x ** 2) / (2 * sigma ** 2))
-    return k / k.sum()
-
-
 @dataclass
 class _Frame:
     """One frame on its way through: its tiles, and where its map is being assembled."""
@@ -108,10 +99,11 @@ class Pipeline:
         self.map_max_side = runtime.map_max_side if runtime is not None else MAP_MAX_SIDE
         self.input_hw = m.input_hw
         self.tiling = m.model.tiling
-        self.head = implementation(m.method).head(m.model, bundle.head_tensors()).to(self.device).eval()
-        sigma = m.model.blur_sigma
-        self.kernel = gaussian_kernel(sigma).to(self.device) if sigma > 0 else None
+        self.per_position = m.model.per_position
+        self.own_score = m.model.method.own_image_score
         self._grid = lru_cache(maxsize=8)(lambda hw: make_grid(hw, self.input_hw, self.tiling))
+        self.frame_size = tuple(m.frame_size)
+        self.position_tiles = len(self._grid(self.frame_size)) if self.per_position else 0
         self.mask: ObjectMask | None = None
         if use_mask and m.model.mask.kind != "none":
             self.mask = load_mask(m.model.mask, [r.model_dump() for r in m.mask_files], bundle.path)
@@ -125,11 +117,15 @@ class Pipeline:
         clock = _Clock(self.device)
         frames = [self._prepare(img) for img in images]
         clock.lap("prepare")
-        if self.tiling.enabled and self.tiling.stats == "per_position":
-            for frame in frames:
-                self._score_per_position(frame, clock)
-        else:
-            self._score_tiles(frames, clock)
+        for chunk in self._batches(frames):
+            maps, scores = self.backend.run(torch.from_numpy(np.stack([f.tiles[i] for f, i in chunk])))
+            clock.lap("score", device=True)
+            own = scores.tolist() if self.own_score else None
+            for k, (frame, i) in enumerate(chunk):
+                self._place(frame, i, maps[k])
+                if own is not None:  # a tiled frame is as anomalous as its worst tile
+                    frame.head_score = own[k] if frame.head_score is None else max(frame.head_score, own[k])
+            clock.lap("stitch", device=True)
         maps = self._download(frames, clock)
         out = [self._finish(frame, m, clock) for frame, m in zip(frames, maps)]
         per_frame = {k: v / len(frames) for k, v in clock.totals().items()}
@@ -143,56 +139,23 @@ class Pipeline:
         bgr = image if image.ndim == 3 else cv2.cvtColor(image, cv2.COLOR_GRAY2BGR)
         hw = (int(bgr.shape[0]), int(bgr.shape[1]))
         grid = self._grid(hw) if self.tiling.enabled else None
+        if self.per_position and len(grid) != self.position_tiles:
+            raise ValueError(f"the frame is {hw[0]}x{hw[1]} ({len(grid)} tiles); this model keeps statistics per tile "
+                             f"position and was calibrated on {self.frame_size[0]}x{self.frame_size[1]} frames "
+                             f"({self.position_tiles} tiles)")
         return _Frame(bgr, hw, grid, model_inputs(bgr, self.input_hw, self.tiling, grid),
                       Stitcher(grid) if grid is not None else None)
 
-    def _score_tiles(self, frames: list[_Frame], clock: "_Clock") -> None:
-        """Every tile of every frame, in batches that may span frames; each tile map goes to its frame."""
+    def _batches(self, frames: list[_Frame]) -> Iterator[list[tuple[_Frame, int]]]:
+        """(frame, tile index) chunks for the backend: ``batch_size`` tiles that may span frames, or, per
+        tile position, each frame's tiles together."""
+        if self.per_position:
+            for f in frames:
+                yield [(f, i) for i in range(len(f.tiles))]
+            return
         owners = [(f, i) for f in frames for i in range(len(f.tiles))]
         for start in range(0, len(owners), self.batch_size):
-            chunk = owners[start:start + self.batch_size]
-            outputs = self.backend.run(torch.from_numpy(np.stack([f.tiles[i] for f, i in chunk])))
-            clock.lap("network", device=True)
-            raw, scores = self._head(outputs)
-            clock.lap("head", device=True)
-            maps = self._postprocess(raw)
-            clock.lap("postprocess", device=True)
-            for k, (frame, i) in enumerate(chunk):
-                self._place(frame, i, maps[k])
-                if scores is not None:
-                    frame.head_score = max(frame.head_score or -math.inf, float(scores[k]))
-            clock.lap("stitch", device=True)
-
-    def _score_per_position(self, frame: _Frame, clock: "_Clock") -> None:
-        """Aligned parts: every tile position has its own statistics, so a frame's tiles go to the
-        head together, as one mosaic."""
-        features = []
-        for start in range(0, len(frame.tiles), self.batch_size):
-            batch = torch.from_numpy(np.stack(frame.tiles[start:start + self.batch_size]))
-            features.append(self.backend.run(batch)[0])
-        clock.lap("network", device=True)
-        raw, _ = self._head([mosaic(torch.cat(features))])
-        clock.lap("head", device=True)
-        maps = self._postprocess(unmosaic(raw, len(frame.tiles)))
-        clock.lap("postprocess", device=True)
-        for i, m in enumerate(maps):
-            self._place(frame, i, m)
-        clock.lap("stitch", device=True)
-
-    def _head(self, outputs: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
-        raw = self.head(outputs)
-        return raw if isinstance(raw, tuple) else (raw, None)
-
-    def _postprocess(self, raw: torch.Tensor) -> torch.Tensor:
-        up = F.interpolate(raw[:, None].float(), size=self.input_hw, mode="bilinear", align_corners=False)[:, 0]
-        if self.kernel is None:
-            return up
-        # The batch as the channels of one depthwise convolution: the same sums, 5x faster on the
-        # CPU at batch 8 than a one-channel convolution over a batch (measured: 5 vs 25 ms).
-        b, r = up.shape[0], self.kernel.numel() // 2
-        x = F.pad(up[None], (r, r, r, r), mode="reflect")
-        x = F.conv2d(x, self.kernel.view(1, 1, 1, -1).expand(b, 1, 1, -1), groups=b)
-        return F.conv2d(x, self.kernel.view(1, 1, -1, 1).expand(b, 1, -1, 1), groups=b)[0]
+            yield owners[start:start + self.batch_size]
 
     @staticmethod
     def _place(frame: _Frame, index: int, tile_map: torch.Tensor) -> None:

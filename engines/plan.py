@@ -33,6 +33,7 @@ class PlanManifest:
     profile: dict[str, list[int]]    # batch sizes: {"min": [1], "opt": [n], "max": [n]} per the profile
     output_names: list[str]
     onnx_sha256: str
+    statistics: dict[str, list[int]] = field(default_factory=dict)  # head statistic inputs: fixed shapes
     plan_sha256: str = ""
     created: float = field(default_factory=time.time)
     build_s: float = 0.0
@@ -78,12 +79,24 @@ def read_plan_manifest(path: Path) -> PlanManifest:
         raise PlanMismatch(f"{path}: unreadable plan manifest: {e}") from None
 
 
-def check_plan(manifest: PlanManifest, trt_version: str, gpu_name: str, cc: str, onnx_sha: str) -> None:
+def statistic_shapes(bundle: Bundle, names: list[str] | None = None) -> dict[str, list[int]]:
+    """Shapes of the head statistics (all, or ``names``): a plan's profile fixes them."""
+    tensors = bundle.head_tensors()
+    return {n: list(tensors[n].shape) for n in (names if names is not None else tensors)}
+
+
+def check_plan(manifest: PlanManifest, trt_version: str, gpu_name: str, cc: str, onnx_sha: str,
+               stat_shapes: dict[str, list[int]] | None = None) -> None:
     """Raise PlanMismatch naming every field where the plan differs from this machine and bundle."""
     wanted = {"TensorRT version": (manifest.tensorrt_version, trt_version),
               "GPU name": (manifest.gpu_name, gpu_name),
               "compute capability": (manifest.compute_capability, cc),
               "ONNX sha256": (manifest.onnx_sha256, onnx_sha)}
+    if stat_shapes is not None:
+        # A recalibration that keeps the network keeps the plan, unless a statistic changed size
+        # (a kNN bank of another length): the profile fixes their shapes.
+        here = {n: stat_shapes.get(n) for n in manifest.statistics}
+        wanted["head statistic shapes"] = (manifest.statistics, here)
     diffs = [f"{what}: plan {built!r}, here {here!r}" for what, (built, here) in wanted.items() if built != here]
     if diffs:
         raise PlanMismatch("TensorRT plan does not match: " + "; ".join(diffs) + " (rebuild with build-engine)")
@@ -99,13 +112,14 @@ def find_plan(bundle: Bundle, trt_version: str, gpu_name: str, cc: str,
     if not manifests:
         raise FileNotFoundError(f"{bundle.path / PLANS}: no TensorRT plans (build one with build-engine)")
     onnx_sha = bundle.manifest.files.get(bundle.onnx_path.name) or sha256(bundle.onnx_path)
+    stat_shapes = statistic_shapes(bundle)
     refused, matches = [], []
     for mpath in manifests:
         try:
             m = read_plan_manifest(mpath)
             if precision is not None and m.precision != precision:
                 raise PlanMismatch(f"precision {m.precision}, wanted {precision}")
-            check_plan(m, trt_version, gpu_name, cc, onnx_sha)
+            check_plan(m, trt_version, gpu_name, cc, onnx_sha, stat_shapes)
         except PlanMismatch as e:
             refused.append(f"{mpath.name}: {e}")
             continue

@@ -133,11 +133,12 @@ def test_training_is_reproducible_from_the_seed(sample_data: Path) -> None:
 
 # --- bundles, parity, evaluation --------------------------------------------------------------
 
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 @pytest.mark.parametrize("name", [v[0] for v in VARIANTS])
-def test_onnxruntime_matches_torch_reference(bundles: dict, sample_data: Path, name: str) -> None:
+def test_cpu_runtimes_match_torch_reference(bundles: dict, sample_data: Path, name: str, backend: str) -> None:
     bundle = bundles[name]
     images = [read_image(s.path) for s in list_test_samples(sample_data)]
-    r, o = pipeline(bundle, "torch").score(images), pipeline(bundle, "onnxruntime", threads=1).score(images)
+    r, o = pipeline(bundle, "torch").score(images), pipeline(bundle, backend, threads=1).score(images)
     ref_scores = np.array([f.score for f in r])
     assert np.all(np.isfinite(ref_scores)) and ref_scores.max() > 0
     np.testing.assert_allclose([f.score for f in o], ref_scores, rtol=PARITY_RTOL)
@@ -160,9 +161,11 @@ def test_bundle_records_method_settings_and_training(bundles: dict, name: str) -
 
 
 def test_algan_map_is_spatial(bundles: dict, sample_data: Path) -> None:
-    backend = pipeline(bundles["algan"]).backend
+    backend = pipeline(bundles["algan"]).backend  # torch: its score graph's engine is the exported network
     x = torch.zeros(1, *SIZE, 3, dtype=torch.uint8)
-    assert backend.run(x)[0].shape == (1, 1, SIZE[0] // 8, SIZE[1] // 8)
+    with torch.no_grad():
+        assert backend.net.engine(x)[0].shape == (1, 1, SIZE[0] // 8, SIZE[1] // 8)
+    assert backend.run(x)[0].shape == (1, *SIZE)
 
 
 def test_evaluate_scores_every_method(bundles: dict, sample_data: Path) -> None:

@@ -138,7 +138,7 @@ def test_the_id_changes_with_any_section(padim_bundle) -> None:
                                                                "expected a finite"]),
     (lambda d: d["files"].update({ONNX: "0" * 63}), ["manifest.json: files.model.onnx: expected a SHA-256"]),
     (lambda d: d.update(surprise=1), ["manifest.json: unknown key 'surprise'"]),
-    (lambda d: d.update(format="inspection-bundle/9"), ["manifest.json: format: expected 'inspection-bundle/3'"]),
+    (lambda d: d.update(format="inspection-bundle/9"), ["manifest.json: format: expected 'inspection-bundle/4'"]),
     (lambda d: d.update(format="inspection-bundle/2"), ["manifest.json: format:", "recalibrate"]),
 ], ids=["missing-key", "missing-section", "wrong-type", "absurd-size", "float-size", "bad-method-setting",
         "unknown-method", "nan-threshold", "short-hash", "unknown-key", "unknown-format", "old-format"])

@@ -21,8 +21,8 @@ HERE = {"trt_version": "10.3.0", "gpu_name": "NVIDIA A2", "cc": "8.6", "onnx_sha
 
 def plan_manifest(**changes: object) -> PlanManifest:
     m = PlanManifest(tensorrt_version="10.3.0", gpu_name="NVIDIA A2", compute_capability="8.6", precision="fp16",
-                     input_name="input", input_hw=[128, 128], profile=batch_profile(8), output_names=["output0"],
-                     onnx_sha256="ab" * 32)
+                     input_name="input", input_hw=[128, 128], profile=batch_profile(8),
+                     output_names=["map", "score"], onnx_sha256="ab" * 32, statistics={"mean": [4, 8]})
     return dataclasses.replace(m, **changes)
 
 
@@ -44,6 +44,14 @@ def test_each_mismatch_is_refused_and_named(field: str, value: str, named: str) 
     assert not any(o in str(e.value) for o in others)  # only what differs is named
 
 
+def test_a_statistic_of_another_size_needs_a_rebuild() -> None:
+    """The plan binds the head statistics as inputs of fixed shape: new values keep it, a new size not."""
+    check_plan(plan_manifest(), **HERE, stat_shapes={"mean": [4, 8], "inv_cov": [4, 8, 8]})
+    with pytest.raises(PlanMismatch, match=r"head statistic shapes: plan \{'mean': \[4, 8\]\}, here "
+                                           r"\{'mean': \[5, 8\]\}"):
+        check_plan(plan_manifest(), **HERE, stat_shapes={"mean": [5, 8]})
+
+
 def test_profile_covers_batch_one_to_n() -> None:
     m = plan_manifest()
     assert m.shapes() == {"min": (1, 128, 128, 3), "opt": (8, 128, 128, 3), "max": (8, 128, 128, 3)}
@@ -56,8 +64,12 @@ def test_profile_covers_batch_one_to_n() -> None:
 
 
 def _bundle(tmp_path: Path) -> Bundle:
+    import torch
+    from safetensors.torch import save_file
+
     tmp_path.mkdir(parents=True, exist_ok=True)
     (tmp_path / "model.onnx").write_bytes(b"not really onnx")
+    save_file({"mean": torch.zeros(4, 8)}, str(tmp_path / "head.safetensors"))
     from engines.decision import Decision
     from engines.model import ModelSpec
 

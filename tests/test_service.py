@@ -85,7 +85,7 @@ def test_n_frames_give_n_valid_verdicts_and_correlated_heatmaps(mosquitto, subsc
     for v in verdicts:
         assert (v["status"] == "ng") == (v["normalized_score"] >= 1.0) == bool(v["regions"])
         assert v["model"]["id"] == padim_bundle.manifest.model_id
-        assert {"network", "head", "postprocess"} <= set(v["timings_ms"])
+        assert {"prepare", "score", "stitch", "download"} <= set(v["timings_ms"])
     maps = heatmaps(sub)
     assert set(maps) == set(ids)
     for frame_id, payload in maps.items():
@@ -94,7 +94,7 @@ def test_n_frames_give_n_valid_verdicts_and_correlated_heatmaps(mosquitto, subsc
     status = json.loads(sub.on(f"{PREFIX}/status")[-1].payload)
     assert status["state"] == "offline" and status["reason"] == "stopped"
     health = [json.loads(m.payload) for m in sub.on(f"{PREFIX}/health")]
-    assert health and health[-1]["frames"] == n and "network" in health[-1]["stage_ms"]
+    assert health and health[-1]["frames"] == n and "score" in health[-1]["stage_ms"]
 
 
 def heatmaps(sub) -> dict[str, bytes]:

@@ -45,11 +45,12 @@ def tiled_bundle(request, sample_data: Path, tmp_path_factory):
     return calibrate(sample_data, tmp_path_factory.mktemp("tiled") / request.param, cfg, progress=False)
 
 
-def test_tiled_model_scores_alike_in_torch_and_onnxruntime(tiled_bundle, sample_data: Path) -> None:
+@pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
+def test_tiled_model_scores_alike_in_torch_and_cpu_runtimes(tiled_bundle, sample_data: Path, backend: str) -> None:
     images = [read_image(s.path) for s in list_test_samples(sample_data)]
     # Different batch sizes: tiles of one frame split and shared across engine calls differently.
     r = pipeline(tiled_bundle, "torch", batch_size=4).score(images)
-    o = pipeline(tiled_bundle, "onnxruntime", batch_size=5).score(images)
+    o = pipeline(tiled_bundle, backend, batch_size=5).score(images)
     for a, b in zip(r, o):
         assert a.map.shape == images[0].shape[:2]
         np.testing.assert_allclose(b.score, a.score, rtol=1e-3)

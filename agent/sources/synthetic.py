@@ -6,7 +6,6 @@ from typing import Literal
 import numpy as np
 from pydantic import Field, field_validator
 
-from agent.frames import Frame
 from agent.sources import SourceSettings, plugin
 from agent.sources.base import FrameSource
 from calibration.synthetic import DEFECT_KINDS, synthetic_part

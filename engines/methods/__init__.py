@@ -41,6 +41,11 @@ METHODS = Registry("engines.methods", "method")
 class MethodSettings(PluginSettings):
     """Base of every method's settings."""
 
+    @property
+    def own_image_score(self) -> bool:
+        """Whether the head gives an image score of its own (else the image score is the map's peak)."""
+        return False
+
 
 class TrainedSettings(MethodSettings):
     """What every trained method (autoencoders, GANs) shares: the training run."""

@@ -1,12 +1,14 @@
 """Runtime backends as plugins, and the ``runtime:`` settings that choose one.
 
-One file per backend in this package (onnxruntime, torch, tensorrt, and ``auto``, which picks
-one), each with its own typed settings and a ``PLUGINS`` record; ``BACKENDS`` finds them. The
-backend's heavy library (torch, ONNX Runtime, TensorRT) is imported when it is opened, not when
-its settings are read.
+One file per backend in this package (onnxruntime, openvino, torch, tensorrt, and ``auto``,
+which picks one), each with its own typed settings and a ``PLUGINS`` record; ``BACKENDS`` finds
+them. Every backend runs the bundle's score graph (engines/score.py). The backend's heavy library
+(torch, ONNX Runtime, OpenVINO, TensorRT) is imported when it is opened, not when its settings
+are read.
 
-``auto`` picks TensorRT where a plan for this GPU exists, else torch on CUDA, else ONNX Runtime
-on the CPU; the choice and the reason are returned for the start-up log.
+``auto`` picks TensorRT where a plan for this GPU exists, else torch on CUDA, else the faster of
+OpenVINO and ONNX Runtime for this bundle, timed at start-up; the choice and the reason are
+returned for the start-up log.
 """
 from __future__ import annotations
 
@@ -31,7 +33,7 @@ class RuntimeSettings(Settings):
     backend: BACKENDS.field("auto") = Field(  # type: ignore[valid-type]
         default_factory=BACKENDS.default_settings("auto"),
         description="the backend: a name, or kind: and that backend's own keys; auto: TensorRT plan > torch "
-                    "CUDA > ONNX Runtime CPU")
+                    "CUDA > the faster of OpenVINO and ONNX Runtime on the CPU (timed at start-up)")
     device: str = Field("auto", description="auto | cpu | cuda | cuda:N")
     threads: int = Field(0, ge=0, description="CPU threads; 0 = all cores")
     fallback: bool = Field(True, description="if the chosen backend cannot start, fall back to the next one")

@@ -4,7 +4,10 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Protocol
 
 if TYPE_CHECKING:
+    import numpy as np
     import torch
+
+    from engines.bundle import Bundle
 
 
 class BackendError(RuntimeError):
@@ -15,7 +18,20 @@ class Backend(Protocol):
     name: str
     device: "torch.device"
 
-    def run(self, x: "torch.Tensor") -> list["torch.Tensor"]:
-        """A batch of uint8 (B, H, W, 3) BGR tiles (on any device) -> the engine graph's outputs, float32,
-        on ``device``."""
+    def run(self, x: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
+        """A batch of uint8 (B, H, W, 3) BGR tiles (on any device) -> the score graph's (maps (B, H, W),
+        scores (B,)), float32, on ``device`` (engines/score.py)."""
         ...
+
+
+def statistics(bundle: "Bundle", names: list[str]) -> dict[str, "np.ndarray"]:
+    """The head statistics the exported score graph takes as inputs, as float32 arrays: bound once when
+    a runtime starts, never per frame."""
+    import numpy as np
+
+    tensors = bundle.head_tensors()
+    missing = [n for n in names if n not in tensors]
+    if missing:
+        raise BackendError(f"{bundle.onnx_path}: the graph takes {missing}, which {bundle.path / 'head.safetensors'} "
+                           f"does not hold; recalibrate (model {bundle.manifest.model_id})")
+    return {n: np.ascontiguousarray(tensors[n].float().numpy()) for n in names}

@@ -1,9 +1,11 @@
-"""TensorRT runtime: a plan from ``BUNDLE/plans`` executed on torch's CUDA context and stream.
+"""TensorRT runtime: a plan of the bundle's score graph from ``BUNDLE/plans``, executed on torch's
+CUDA context and stream.
 
 torch owns everything on the device: the context (torch initialises CUDA first), the memory
 (inputs and outputs are torch CUDA tensors whose ``data_ptr`` is bound with
-``set_tensor_address``) and the stream (``execute_async_v3`` on torch's current stream), so
-the head reads the engine's outputs in place, with no second context and no host copy.
+``set_tensor_address``) and the stream (``execute_async_v3`` on torch's current stream). The
+head statistics are the plan's other inputs: uploaded and bound once at start-up, so the plan
+stays valid across recalibrations that keep the network and the statistics' shapes.
 
 Any reason the plan cannot run here (no ``tensorrt`` module, no CUDA device, no plan, a plan
 built for another GPU, TensorRT version or ONNX) raises BackendError, so ``open_backend``
@@ -19,7 +21,7 @@ from pydantic import Field
 
 from engines.plan import PlanManifest, PlanMismatch, find_plan
 from engines.plugins import Plugin, PluginSettings
-from engines.runtimes.base import BackendError
+from engines.runtimes.base import BackendError, statistics
 
 if TYPE_CHECKING:
     import torch
@@ -74,18 +76,28 @@ class TensorRTBackend:
             raise BackendError(f"{plan_path}: TensorRT could not deserialise the plan")
         self.context = self.engine.create_execution_context()
         names = [self.engine.get_tensor_name(i) for i in range(self.engine.num_io_tensors)]
-        self.inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        inputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self.inputs = sorted(inputs, key=lambda n: n != "input")  # the tiles, then the head statistics
         self.outputs = [n for n in names if self.engine.get_tensor_mode(n) == trt.TensorIOMode.OUTPUT]
-        if len(self.inputs) != 1:
-            raise BackendError(f"{plan_path}: expected one input tensor, plan has {self.inputs}")
+        if sorted(self.outputs) != ["map", "score"]:
+            raise BackendError(f"{plan_path}: expected the score graph's two outputs (map, score), plan has "
+                               f"{self.outputs}; rebuild with build-engine")
+        self.outputs = ["map", "score"]
+        if "input" not in inputs:
+            raise BackendError(f"{plan_path}: expected an input named 'input' (the tiles), plan has {inputs}")
         self.input_dtype = _torch_dtype(trt, self.engine.get_tensor_dtype(self.inputs[0]))
         self.out_dtypes = [_torch_dtype(trt, self.engine.get_tensor_dtype(n)) for n in self.outputs]
+        # Bound once: the addresses stay valid for every later execution of this context.
+        self.stats = {n: torch.from_numpy(a).to(self.device) for n, a in statistics(bundle, self.inputs[1:]).items()}
+        for name, tensor in self.stats.items():
+            self.context.set_input_shape(name, tuple(tensor.shape))
+            self.context.set_tensor_address(name, tensor.data_ptr())
         self.graphs: dict[int, tuple[Any, torch.Tensor, list[torch.Tensor]]] = {}
         for b in settings.cuda_graphs:
             self.graphs[b] = self._capture(b)
 
     def _bind(self, x: "torch.Tensor") -> list["torch.Tensor"]:
-        """Set the input shape and bind input and freshly allocated output tensors by address."""
+        """Set the tiles' shape and bind them and freshly allocated output tensors by address."""
         self.context.set_input_shape(self.inputs[0], tuple(x.shape))
         self.context.set_tensor_address(self.inputs[0], x.data_ptr())
         outs = []
@@ -117,9 +129,10 @@ class TensorRTBackend:
         torch.cuda.current_stream(self.device).wait_stream(stream)
         return graph, static_in, static_out
 
-    def run(self, x: "torch.Tensor") -> list["torch.Tensor"]:
+    def run(self, x: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
         with _torch().inference_mode():
-            return self._run(x)
+            maps, scores = self._run(x)
+            return maps, scores
 
     def _run(self, x: "torch.Tensor") -> list["torch.Tensor"]:
         torch = _torch()

@@ -1,7 +1,8 @@
 """The torch runtime: the reference, on the CPU or a CUDA device.
 
-On CUDA it is also the GPU path that can be verified without TensorRT: channels-last layout,
-FP16 weights, and CUDA graphs captured at start-up for fixed batch sizes; batches come up
+It runs the score graph itself (engines/score.py), the module every other runtime's export is
+held to. On CUDA it is also the GPU path that can be verified without TensorRT: channels-last layout,
+FP16 network weights, and CUDA graphs of the whole score path captured at start-up for fixed batch sizes; batches come up
 from pinned host memory on a copy stream (``Uploader``). The CUDA paths are unverified in the
 workplace this was written in (no GPU; see README).
 """
@@ -25,7 +26,7 @@ if TYPE_CHECKING:
 
 class TorchSettings(PluginSettings):
     kind: Literal["torch"] = "torch"
-    half: bool = Field(False, description="FP16 weights and activations (CUDA only)")
+    half: bool = Field(False, description="FP16 network weights and activations, FP32 head (CUDA only)")
     channels_last: bool = Field(False, description="channels-last memory layout for the convolutions")
     cuda_graphs: list[int] = Field(default_factory=list, description="batch sizes captured as CUDA graphs at "
                                                                      "start-up (CUDA only)")
@@ -37,7 +38,7 @@ class TorchBackend:
     def __init__(self, bundle: "Bundle", settings: TorchSettings, device: str = "cpu") -> None:
         import torch
 
-        from engines.graph import build_engine
+        from engines.score import build_score_graph
 
         self.device = torch.device(device)
         if self.device.type == "cuda" and not torch.cuda.is_available():
@@ -46,31 +47,30 @@ class TorchBackend:
             raise BackendError("torch backend: half and cuda_graphs need a CUDA device")
         self.settings = settings
         self.input_hw = bundle.manifest.input_hw
-        graph = build_engine(bundle.manifest.model)
-        graph.load_state_dict(bundle.network_state(), strict=True)
-        self.net = graph.to(self.device).eval()
+        self.net = build_score_graph(bundle.manifest.model, bundle.network_state(), bundle.head_tensors())
+        self.net = self.net.to(self.device)
         if settings.half:
-            self.net = self.net.half()
+            self.net.engine.half()
         if settings.channels_last:
-            self.net = self.net.to(memory_format=torch.channels_last)
+            self.net.engine.to(memory_format=torch.channels_last)
         self.uploader = Uploader(self.device)
         self.graphs = {b: self._capture(b) for b in settings.cuda_graphs}
 
-    def run(self, x: "torch.Tensor") -> list["torch.Tensor"]:
+    def run(self, x: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
         import torch
 
         with torch.inference_mode():
             x = self.uploader.put(x)
             captured = self.graphs.get(x.shape[0])
             if captured is not None:
-                graph, static_in, static_out = captured
+                graph, static_in, (maps, scores) = captured
                 static_in.copy_(x)
                 graph.replay()
                 # The graph's outputs are overwritten by the next replay: hand out copies.
-                return [o.float() if o.dtype != torch.float32 else o.clone() for o in static_out]
-            return [o.float() for o in self.net(x)]
+                return maps.clone(), scores.clone()
+            return self.net(x)
 
-    def _capture(self, batch: int) -> tuple[Any, "torch.Tensor", list["torch.Tensor"]]:
+    def _capture(self, batch: int) -> tuple[Any, "torch.Tensor", tuple["torch.Tensor", "torch.Tensor"]]:
         import torch
 
         with torch.inference_mode():

@@ -145,12 +145,13 @@ def gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
     return g[:, None] * g[None, :]
 
 
-def ssim_map(a: torch.Tensor, b: torch.Tensor, window: torch.Tensor, data_range: float) -> torch.Tensor:
+def ssim_map(a: torch.Tensor, b: torch.Tensor, window: torch.Tensor, data_range: float | torch.Tensor) -> torch.Tensor:
     """Local SSIM per channel (B, C, H, W), Gaussian-weighted statistics (Wang et al. 2004),
     computed with depthwise conv2d on the tensors' device; borders reflect-padded."""
-    c = a.shape[1]
+    # The channel count is fixed per model; a plain int keeps the exported kernel's shape static.
+    c = int(a.shape[1])
     k = window.to(a.dtype).expand(c, 1, *window.shape)
-    r = window.shape[-1] // 2
+    r = int(window.shape[-1]) // 2
 
     def blur(t: torch.Tensor) -> torch.Tensor:
         return F.conv2d(F.pad(t, (r, r, r, r), mode="reflect"), k, groups=c)
@@ -168,7 +169,8 @@ def l2_residual(target: torch.Tensor, recon: torch.Tensor) -> torch.Tensor:
     return (target - recon).pow(2).mean(1)
 
 
-def ssim_residual(target: torch.Tensor, recon: torch.Tensor, window: torch.Tensor, data_range: float) -> torch.Tensor:
+def ssim_residual(target: torch.Tensor, recon: torch.Tensor, window: torch.Tensor,
+                  data_range: float | torch.Tensor) -> torch.Tensor:
     """(B, C, H, W) pair -> (B, H, W) 1 - SSIM, averaged over channels."""
     return 1.0 - ssim_map(target, recon, window, data_range).mean(1)
 
@@ -179,7 +181,7 @@ class ResidualHead(nn.Module):
     def __init__(self, settings: AutoencoderSettings, data_range: float) -> None:
         super().__init__()
         self.ssim = settings.kind == "ae-ssim"
-        self.data_range = data_range
+        self.register_buffer("data_range", torch.tensor(float(data_range)))
         window, sigma = FEATURE_WINDOW if settings.on_features else PIXEL_WINDOW
         self.register_buffer("window", gaussian_window(window, sigma))
 

@@ -68,7 +68,7 @@ def network(spec: ModelSpec, pretrained: bool = False, weights: str | None = Non
 
 
 def head(spec: ModelSpec, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    return GanHead(float(tensors["residual_weight"]), float(tensors["feature_weight"]))
+    return GanHead(tensors["residual_weight"], tensors["feature_weight"])
 
 
 def gan_terms(recon: torch.Tensor, f_x: torch.Tensor, f_r: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -80,14 +80,15 @@ def gan_terms(recon: torch.Tensor, f_x: torch.Tensor, f_r: torch.Tensor, x: torc
 
 
 class GanHead(nn.Module):
-    def __init__(self, residual_weight: float, feature_weight: float) -> None:
+    def __init__(self, residual_weight: torch.Tensor, feature_weight: torch.Tensor) -> None:
         super().__init__()
-        self.w_residual, self.w_feature = residual_weight, feature_weight
+        self.register_buffer("residual_weight", residual_weight.float())
+        self.register_buffer("feature_weight", feature_weight.float())
 
     def forward(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         x, recon, f_x, f_r = outputs
         residual, feat = gan_terms(recon, f_x, f_r, x)
-        return self.w_residual * residual + self.w_feature * feat
+        return self.residual_weight * residual + self.feature_weight * feat
 
 
 def bce(logits: torch.Tensor, target: float) -> torch.Tensor:

@@ -21,6 +21,10 @@ class PatchcoreSettings(MethodSettings):
     image_score: Literal["reweighted", "map_max"] = Field(
         "reweighted", description="reweighted (the paper's) | map_max (maximum of the blurred map)")
 
+    @property
+    def own_image_score(self) -> bool:
+        return self.image_score == "reweighted"
+
 
 PLUGINS = [plugin("patchcore", PatchcoreSettings, "engines.methods.patchcore.method",
                   "3x3-averaged patch features, greedy coreset bank, nearest-neighbour distance, reweighted score")]

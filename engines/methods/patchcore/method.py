@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engines.graph import feature_network, pretrained_graph
@@ -63,18 +62,26 @@ class PatchCoreHead(nn.Module):
         features = outputs[0]
         b, d, h, w = features.shape
         queries = patches(features)
-        dist = self.index.search(queries, self.k).mean(1).reshape(b, h * w)
+        if torch.jit.is_tracing():
+            # The exported graph takes the bank as an input of any size: one distance block, where
+            # the torch runtime walks the bank in chunks sized for it (engines/knn.py).
+            sq_norms = self.bank.square().sum(1)
+            d2 = torch.addmm(sq_norms, queries, self.bank.T, alpha=-2.0) + queries.square().sum(1, keepdim=True)
+            dist = d2.clamp_min(0).topk(self.k, dim=1, largest=False).values.sqrt().mean(1).reshape(b, h * w)
+        else:
+            sq_norms = self.index.sq_norms
+            dist = self.index.search(queries, self.k).mean(1).reshape(b, h * w)
         if self.image_score == "map_max":
             return dist.reshape(b, h, w)
         score, worst = dist.max(1)
-        worst_q = queries.reshape(b, h * w, d)[torch.arange(b, device=dist.device), worst]  # (B, D)
-        return dist.reshape(b, h, w), score * self._weight(worst_q)
+        worst_q = queries.reshape(b, h * w, d).gather(1, worst.view(b, 1, 1).expand(b, 1, d))[:, 0]  # (B, D)
+        return dist.reshape(b, h, w), score * self._weight(worst_q, sq_norms)
 
-    def _weight(self, q: Tensor) -> Tensor:
+    def _weight(self, q: Tensor, sq_norms: Tensor) -> Tensor:
         # B queries against the bank: a (B, M) block, B = the batch (small), so this stays small.
-        nearest = torch.addmm(self.index.sq_norms, q, self.bank.T, alpha=-2.0).argmin(1)  # m*
+        nearest = torch.addmm(sq_norms, q, self.bank.T, alpha=-2.0).argmin(1)  # m*
         centre = self.bank.index_select(0, nearest)
-        to_centre = torch.addmm(self.index.sq_norms, centre, self.bank.T, alpha=-2.0)
+        to_centre = torch.addmm(sq_norms, centre, self.bank.T, alpha=-2.0)
         support = to_centre.topk(self.support, dim=1, largest=False).indices  # N_b(m*), m* first
         support[:, 0] = nearest  # ties (duplicate bank rows) must not displace m* itself
         dist = sq_distances(q, self.bank[support]).clamp_min(0).sqrt()  # (B, support)

@@ -13,6 +13,10 @@ class SpadeSettings(MethodSettings):
     neighbours: int = Field(1, ge=1, description="patch-level k")
     image_neighbours: int = Field(5, ge=1, description="image-level k on pooled features")
 
+    @property
+    def own_image_score(self) -> bool:
+        return True
+
 
 PLUGINS = [plugin("spade", SpadeSettings, "engines.methods.spade.method",
                   "image-level kNN on pooled features, then patch kNN within those images' patches")]

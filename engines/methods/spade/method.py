@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from engines.graph import feature_network, pretrained_graph
-from engines.knn import MAX_BANK_BYTES, SEARCH_BYTES, KnnIndex, patches
+from engines.knn import MAX_BANK_BYTES, patches
 from engines.methods import FitContext, Fitted
 from engines.model import ModelSpec
 from engines.training import train_device
@@ -44,24 +44,23 @@ class SpadeHead(nn.Module):
             raise ValueError(f"spade image_neighbours={self.image_k} must be in [1, {n}] (gallery images)")
         if not 1 <= self.k <= self.image_k * p:
             raise ValueError(f"spade neighbours={self.k} must be in [1, {self.image_k * p}]")
-        # Image-level search is a (B, N) block over the N fitted images: small, so done directly.
-        self.register_buffer("pooled_sq", self.pooled.square().sum(1))
-
     def forward(self, outputs: list[Tensor]) -> tuple[Tensor, Tensor]:
         features = outputs[0]
         b, d, h, w = features.shape
+        # Image level: a (B, N) block over the N fitted images, small, so done directly.
         pooled = F.adaptive_avg_pool2d(features, 1).flatten(1).float()
-        to_images = torch.addmm(self.pooled_sq, pooled, self.pooled.T, alpha=-2.0)
-        to_images.add_(pooled.square().sum(1, keepdim=True)).clamp_min_(0.0)
+        to_images = torch.addmm(self.pooled.square().sum(1), pooled, self.pooled.T, alpha=-2.0)
+        to_images = (to_images + pooled.square().sum(1, keepdim=True)).clamp_min(0.0)
         nearest_sq, nearest = to_images.topk(self.image_k, dim=1, largest=False)  # (B, K)
         image_dist = nearest_sq.sqrt().mean(1)
+        # Patch level: each image against its own K images' patches, all images in one batched block
+        # (B x h*w x K*P floats: 21 MB per image at 256 px), which the exported graph can hold too.
         queries = patches(features).reshape(b, h * w, d)
-        maps = []
-        for i in range(b):  # each image has its own gallery of K images' patches
-            gallery = self.gallery.index_select(0, nearest[i]).reshape(-1, d)
-            index = KnnIndex(gallery, SEARCH_BYTES, storage_dtype=self.gallery.dtype)
-            maps.append(index.search(queries[i], self.k).mean(1))
-        return torch.stack(maps).reshape(b, h, w), image_dist
+        gallery = self.gallery.index_select(0, nearest.flatten()).float().reshape(b, -1, d)  # (B, K*P, D)
+        d2 = torch.baddbmm(gallery.square().sum(2)[:, None, :], queries, gallery.transpose(1, 2), alpha=-2.0)
+        d2 = (d2 + queries.square().sum(2, keepdim=True)).clamp_min(0.0)
+        dist = d2.topk(self.k, dim=2, largest=False).values.sqrt().mean(2)
+        return dist.reshape(b, h, w), image_dist
 
 
 @torch.inference_mode()
