@@ -76,8 +76,9 @@ def shuffled(data: torch.Tensor, batch_size: int, gen: torch.Generator) -> Itera
 
 def fit_loop(modules: dict[str, nn.Module], data: torch.Tensor, step: Step, criterion: Criterion,
              epochs: int, patience: int, batch_size: int, gen: torch.Generator, device: torch.device,
-             desc: str, progress: bool = True) -> TrainLog:
-    """Train; on return ``modules`` hold the weights of the best validation epoch."""
+             desc: str, progress: bool = True, max_seconds: float = float("inf")) -> TrainLog:
+    """Train; on return ``modules`` hold the weights of the best validation epoch. Stops after
+    ``patience`` epochs without improvement, or after the epoch that passes ``max_seconds``."""
     start = time.perf_counter()
     best, best_epoch, best_state, history = float("inf"), 0, None, []
     bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False)
@@ -102,6 +103,9 @@ def fit_loop(modules: dict[str, nn.Module], data: torch.Tensor, step: Step, crit
             best, best_epoch = val, epoch
             best_state = {name: copy.deepcopy(m.state_dict()) for name, m in modules.items()}
         elif epoch - best_epoch >= patience:
+            break
+        if time.perf_counter() - start >= max_seconds:
+            log.info("%s: time budget of %.0f s spent after epoch %d", desc, max_seconds, epoch)
             break
     if best_state is not None:
         for name, m in modules.items():

@@ -118,6 +118,21 @@ def test_fit_loop_stops_after_patience_and_restores_the_best_epoch() -> None:
     assert net.weight.item() == pytest.approx(initial + 2.0)  # the weights after epoch 2, not epoch 4
 
 
+def test_fit_loop_stops_when_the_time_budget_is_spent() -> None:
+    net = nn.Linear(1, 1, bias=False)
+    vals = iter([3.0, 2.0, 1.0, 0.5])
+    calls = []
+
+    def step(_x: torch.Tensor) -> dict[str, float]:
+        calls.append(1)
+        return {"loss": 0.0}
+
+    log = fit_loop({"net": net}, torch.zeros(4, 1), step, lambda: next(vals), epochs=4, patience=4, batch_size=4,
+                   gen=torch.Generator().manual_seed(0), device=torch.device("cpu"), desc="toy", progress=False,
+                   max_seconds=0.0)
+    assert (log.epochs_run, len(calls), log.stopped_early) == (1, 1, True)
+
+
 def test_training_is_reproducible_from_the_seed(sample_data: Path) -> None:
     paths = [s.path for s in train_samples(sample_data)]
     fit, held = split_train(paths, 0.2, 0)

@@ -55,6 +55,8 @@ class TrainedSettings(MethodSettings):
     lr: float = Field(0.001, gt=0.0, description="Adam learning rate")
     latent_dim: int = Field(128, ge=1, description="bottleneck / latent vector size")
     patience: int = Field(5, ge=1, description="epochs without validation improvement before stopping")
+    max_minutes: float = Field(15.0, gt=0.0, description="time budget of the training run: it stops after the "
+                                                          "epoch that passes it and keeps the best epoch so far")
 
 
 class FitData(Protocol):

@@ -128,7 +128,7 @@ def fit(spec: ModelSpec, context: FitContext) -> Fitted:
         return (good + bad) / len(held)
 
     log = fit_loop({"discriminator": disc, "generator": generator}, data, step, criterion, t.epochs, t.patience,
-                   t.batch_size, gen, device, "algan training", context.progress)
+                   t.batch_size, gen, device, "algan training", context.progress, t.max_minutes * 60)
     network_state = {k: v.detach().cpu().contiguous() for k, v in graph.cpu().state_dict().items()}
     return Fitted(network_state=network_state, head_tensors={},
                   info={"samples": len(data), "snapshot_step": snapshot_at, **extra, **log.to_dict()})

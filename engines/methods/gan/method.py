@@ -134,7 +134,7 @@ def fit(spec: ModelSpec, context: FitContext) -> Fitted:
                    for x in batched(held, t.batch_size, device)) / len(held)
 
     log = fit_loop({"gan": net}, data, step, criterion, t.epochs, t.patience, t.batch_size, gen, device,
-                   "gan training", context.progress)
+                   "gan training", context.progress, t.max_minutes * 60)
     # Each term divided by its mean on held-out good images: both count alike in the map.
     with torch.no_grad():
         sums = torch.zeros(2)
