@@ -65,7 +65,8 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print the metrics as one JSON object on stdout")
     sp.add_argument("--report", type=Path, default=None, help="write the report (HTML, curves, heatmaps) here")
     sp.add_argument("--no-mask", action="store_true", help="score without the bundle's object mask (to compare)")
-    sp = add("run", cmd_run, "the service: frames from source, verdicts and heatmaps to mqtt")
+    sp = add("run", cmd_run, "the service: frames from source, verdicts and images to MQTT, the archive and the "
+                             "live page")
     sp.add_argument("--max-frames", type=int, default=0, help="stop after this many frames (0 = no limit)")
     sp = add("build-engine", cmd_build_engine, "compile the bundle's network into a TensorRT plan for this GPU")
     sp.add_argument("--model", type=Path, required=True, help="the bundle directory")
