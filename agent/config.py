@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from pydantic import Field, ValidationError
 
+from agent import overlay
 from agent.archive import ArchiveSettings
 from agent.http import HttpSettings
 from agent.mqtt import MqttConfig
@@ -36,7 +37,7 @@ class ConfigError(ValueError):
 class AgentConfig(Settings):
     model: ConfigPath | None = Field(None, description="bundle directory to serve (required by `run`)")
     name: str = Field("inspection-agent", min_length=1, description="name in logs, status, health and the page")
-    image_max_side: int = Field(640, ge=16, description="overlays and heatmaps (MQTT, archive, page) are at most "
+    image_max_side: int = Field(overlay.MAX_SIDE, ge=16, description="overlays and heatmaps (MQTT, archive, page) are at most "
                                                         "this long")
     stop_timeout_s: float = Field(5.0, gt=0.0, description="SIGTERM: time allowed to inspect captured frames "
                                                            "and flush before exit")

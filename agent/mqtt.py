@@ -263,7 +263,7 @@ class Publisher:
     images are at most ``image_max_side`` long."""
 
     def __init__(self, cfg: MqttConfig, spool: Spool, identity: dict[str, str] | None = None,
-                 image_max_side: int = 640) -> None:
+                 image_max_side: int = overlay.MAX_SIDE) -> None:
         self.cfg = cfg
         self.spool = spool
         self.identity = dict(identity or {})

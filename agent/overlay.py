@@ -20,7 +20,11 @@ import numpy as np
 
 from agent.verdict import Inspection
 
-__all__ = ["ImageFormat", "ImageKind", "bounded", "encode", "render"]
+__all__ = ["MAX_SIDE", "ImageFormat", "ImageKind", "bounded", "encode", "render"]
+
+# Longest side of overlays and heatmaps unless configured (agent.image_max_side): enough to see a
+# defect on an HMI, small enough to send every frame.
+MAX_SIDE = 640
 
 ImageKind = Literal["overlay", "heatmap"]
 ImageFormat = Literal["png", "jpeg"]
