@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 
 from fault_helpers import (Agent, check_config, one_line_error, run_agent, synthetic, verdicts, wait_until,
@@ -62,7 +63,9 @@ def last_health(sub) -> dict:
 
 def test_disk_full_during_an_outage_loses_nothing_it_does_not_count(mosquitto, subscribers, padim_bundle, tmp_path,
                                                                 small_fs) -> None:
-    sub = subscribers(mosquitto, prefix="plant/faults")
+    # A persistent session: the broker keeps what the agent sends while this subscriber reconnects
+    # after the outage (the agent may be back first and flush at once).
+    sub = subscribers(mosquitto, prefix="plant/faults", protocol=mqtt.MQTTv311, client_id="plc", persistent=True)
     agent = Agent(write_config(tmp_path, mosquitto, padim_bundle.path, synthetic(0, fps=10),
                                mqtt={"spool_path": str(small_fs / "spool.sqlite")}))
     try:
