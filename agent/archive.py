@@ -49,12 +49,12 @@ from agent import overlay
 from agent.verdict import Inspection
 from engines.settings import ConfigPath, Settings
 
-__all__ = ["Archive", "ArchiveSettings", "ArchiveStats", "RECORD_SUFFIXES", "file_stem"]
+__all__ = ["Archive", "ArchiveSettings", "ArchiveStats", "file_stem"]
 
 log = logging.getLogger(__name__)
 
 # A record's files; the sidecar last, so its presence means the record is complete.
-RECORD_SUFFIXES = (".png", ".overlay.jpg", ".json")
+_RECORD_SUFFIXES = (".png", ".overlay.jpg", ".json")
 _DATE = re.compile(r"\d{4}-\d{2}-\d{2}")
 _HOUR = re.compile(r"\d{2}")
 _NAME_ESCAPES = {"%": "%25", "/": "%2F", "\\": "%5C", "\0": "%00"}
@@ -211,13 +211,14 @@ class Archive:
             return
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            replaced = sum(_size(folder / f"{stem}{suffix}") for suffix in RECORD_SUFFIXES)
+            replaced = sum(_size(folder / f"{stem}{suffix}") for suffix in _RECORD_SUFFIXES)
             written = 0
             for suffix, data in files:
                 written += _write_atomically(folder / f"{stem}{suffix}", data)
         except OSError as e:
             self._remove_record(folder, stem)
-            self._failed_once(e)
+            self._failing(e)
+            self._failed += 1
             return
         self._hours[folder] = self._hours.get(folder, 0) + written - replaced
         self._bytes += written - replaced
@@ -236,7 +237,7 @@ class Archive:
         return files
 
     def _remove_record(self, folder: Path, stem: str) -> None:
-        for suffix in RECORD_SUFFIXES:
+        for suffix in _RECORD_SUFFIXES:
             for path in (folder / f"{stem}{suffix}", folder / f".{stem}{suffix}{_TMP_SUFFIX}"):
                 try:
                     path.unlink(missing_ok=True)
@@ -245,12 +246,12 @@ class Archive:
 
     # -- faults -------------------------------------------------------------------------------
 
-    def _failed_once(self, error: OSError) -> None:
-        self._failed += 1
+    def _failing(self, error: OSError) -> None:
+        """A write or delete failed: the start of an episode is logged, the rest of it is not."""
         if self._failure is not None:
             return
         reason = f"{error.strerror or error} ({error.filename})" if error.filename else str(error)
-        self._failure = _Failure(time.monotonic(), self._failed - 1, reason)
+        self._failure = _Failure(time.monotonic(), self._failed, reason)
         self._since = time.time()
         log.warning("archive: cannot write: %s; frames are not archived until it works again (inspection goes on)",
                     reason)
@@ -299,7 +300,7 @@ class Archive:
             except FileNotFoundError:
                 pass
             except OSError as e:
-                self._failed_once(e)
+                self._failing(e)
                 return
             self._deleted += records
             self._forget(folder)
@@ -321,7 +322,7 @@ class Archive:
             try:
                 path.unlink(missing_ok=True)
             except OSError as e:
-                self._failed_once(e)
+                self._failing(e)
                 return False
             self._hours[folder] -= size
             self._bytes -= size
@@ -348,7 +349,7 @@ def _records(folder: Path) -> list[list[Path]]:
     except OSError:
         return []
     for path in paths:
-        stem = next((path.name[:-len(s)] for s in RECORD_SUFFIXES if path.name.endswith(s)), None)
+        stem = next((path.name[:-len(s)] for s in _RECORD_SUFFIXES if path.name.endswith(s)), None)
         if stem is not None:
             grouped.setdefault(stem, []).append(path)
     return sorted(grouped.values(), key=lambda files: min(_mtime(p) for p in files))
