@@ -108,7 +108,7 @@ class Archive:
         self.settings = settings
         self.root = Path(settings.dir)
         self.image_max_side = image_max_side
-        self._queue: queue.Queue[Inspection] = queue.Queue(maxsize=settings.queue_size)
+        self._queue: queue.Queue[Inspection | None] = queue.Queue(maxsize=settings.queue_size)  # None: wake up
         self._ok_seen = 0          # inspection thread only
         self._overflowing = False  # inspection thread only
         self._written = self._dropped = self._failed = self._deleted = 0
@@ -155,11 +155,12 @@ class Archive:
         """Write what is queued for up to ``timeout_s``; what is left then is counted as dropped."""
         self._stop_at = time.monotonic() + timeout_s
         self._stopping.set()
+        try:
+            self._queue.put_nowait(None)  # an idle writer waits on the queue: wake it now
+        except queue.Full:
+            pass  # a full queue: the writer is busy, it sees the stop after this record
         if self._thread.is_alive():
             self._thread.join(timeout=timeout_s + 1.0)
-        left = self._queue.qsize()
-        if left:
-            log.warning("archive: stopped with %d record(s) not written", left)
 
     @property
     def stats(self) -> ArchiveStats:
@@ -178,7 +179,7 @@ class Archive:
                 if self._stopping.is_set() and (self._queue.empty() or time.monotonic() >= (self._stop_at or 0)):
                     break
                 try:
-                    inspection = self._queue.get(timeout=0.1 if self._stopping.is_set() else 1.0)
+                    inspection = self._queue.get(timeout=1.0)
                 except queue.Empty:
                     inspection = None
                 if inspection is not None:
@@ -188,15 +189,19 @@ class Archive:
                     self._expire()
         except Exception:  # a bug here must not take inspection down: the archive stops, the agent goes on
             log.exception("archive: writer failed; no more records are archived")
-        self._drop_queued()
+        left = self._drop_queued()
+        if left:
+            log.warning("archive: stopped with %d record(s) not written (counted as dropped)", left)
 
-    def _drop_queued(self) -> None:
+    def _drop_queued(self) -> int:
+        dropped = 0
         while True:
             try:
-                self._queue.get_nowait()
+                item = self._queue.get_nowait()
             except queue.Empty:
-                return
-            self._dropped += 1
+                self._dropped += dropped
+                return dropped
+            dropped += item is not None
 
     def _write(self, inspection: Inspection) -> None:
         verdict = inspection.verdict
