@@ -37,8 +37,8 @@ class ConfigError(ValueError):
 class AgentConfig(Settings):
     model: ConfigPath | None = Field(None, description="bundle directory to serve (required by `run`)")
     name: str = Field("inspection-agent", min_length=1, description="name in logs, status, health and the page")
-    image_max_side: int = Field(overlay.MAX_SIDE, ge=16, description="overlays and heatmaps (MQTT, archive, page) are at most "
-                                                        "this long")
+    image_max_side: int = Field(overlay.MAX_SIDE, ge=16, description="overlays and heatmaps (MQTT, archive, "
+                                                                     "page) are at most this long")
     stop_timeout_s: float = Field(5.0, gt=0.0, description="SIGTERM: time allowed to inspect captured frames "
                                                            "and flush before exit")
     archive: ArchiveSettings = Field(default_factory=ArchiveSettings,

@@ -126,8 +126,8 @@ class MqttConfig(Settings):
                                                            "silent link")
     # QoS 0 has no acknowledgement to delete the spooled item on.
     qos: int = Field(1, ge=1, le=2, description="verdict and image QoS (1 or 2)")
-    images: Literal["ng", "all", "none"] = Field("ng", description="frames whose image goes to "
-                                                                   "<image_prefix>/<status>/<frame_id>: ng | all | none")
+    images: Literal["ng", "all", "none"] = Field(
+        "ng", description="frames whose image goes to <image_prefix>/<status>/<frame_id>: ng | all | none")
     image: ImageKind = Field("overlay", description="that image: overlay (heatmap over the frame, region boxes, "
                                                    "score) | heatmap")
     last_ng: Literal["overlay", "heatmap", "none"] = Field("overlay", description="retained image of the latest "

@@ -206,8 +206,8 @@ def test_an_address_in_use_is_one_line_and_exit_2(mosquitto, padim_bundle, tmp_p
         port = taken.getsockname()[1]
         config = write_config(tmp_path, mosquitto, padim_bundle.path, {"kind": "synthetic", "count": 1},
                               http={"listen": f"127.0.0.1:{port}"})
-        r = subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(config)], cwd=Path(__file__).parents[1],
-                           capture_output=True, text=True, timeout=WAIT_S * 4)
+        r = subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(config)],
+                           cwd=Path(__file__).parents[1], capture_output=True, text=True, timeout=WAIT_S * 4)
     assert r.returncode == 2 and "Traceback" not in r.stderr
     (line,) = [line for line in r.stderr.splitlines() if line.startswith("config error: ")]
     assert f"{config}: agent.http.listen: cannot listen on 127.0.0.1:{port}: Address already in use" in line
