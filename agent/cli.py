@@ -5,6 +5,7 @@ import argparse
 import json
 import logging
 import sys
+from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 from typing import Callable
 
@@ -12,6 +13,7 @@ import yaml
 
 from agent import exit_codes
 from agent.config import Config, ConfigError, load_config, preflight, to_dict
+from agent.verdict import SCHEMA_VERSION
 
 log = logging.getLogger("agent")
 
@@ -43,6 +45,7 @@ def main(argv: list[str] | None = None) -> int:
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="inspection-agent", description=__doc__)
     p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--version", action="version", version=f"%(prog)s {_version()} (verdict schema {SCHEMA_VERSION})")
     sub = p.add_subparsers(dest="command", required=True)
 
     def add(name: str, func: Callable, help: str) -> argparse.ArgumentParser:
@@ -66,8 +69,14 @@ def _parser() -> argparse.ArgumentParser:
     sp.add_argument("--json", action="store_true", help="print the metrics as one JSON object on stdout")
     sp.add_argument("--report", type=Path, default=None, help="write the report (HTML, curves, heatmaps) here")
     sp.add_argument("--no-mask", action="store_true", help="score without the bundle's object mask (to compare)")
-    sp = add("run", cmd_run, "the service: frames from source, verdicts and heatmaps to mqtt")
+    sp = add("run", cmd_run, "the service: frames from source, verdicts and images to MQTT, the archive and the "
+                             "live page")
     sp.add_argument("--max-frames", type=int, default=0, help="stop after this many frames (0 = no limit)")
+    sp = add("predict", cmd_predict, "score a folder or an image with no broker: overlays, verdicts.csv, verdicts.json")
+    sp.add_argument("--model", type=Path, required=True, help="the bundle directory")
+    sp.add_argument("--input", type=Path, required=True, help="an image, or a folder of images (searched recursively)")
+    sp.add_argument("--out", type=Path, required=True, help="folder for overlays/, verdicts.csv and verdicts.json")
+    sp.add_argument("--backend", default=None, help="overrides runtime.backend (auto|torch|onnxruntime|openvino|tensorrt)")
     sp = add("build-engine", cmd_build_engine, "compile the bundle's score graph into a TensorRT plan for this GPU")
     sp.add_argument("--model", type=Path, required=True, help="the bundle directory")
     sp.add_argument("--precision", choices=("fp32", "fp16", "int8"), default="fp16")
@@ -146,6 +155,12 @@ def cmd_run(args: argparse.Namespace, cfg: Config) -> int:
     return command(args, cfg)
 
 
+def cmd_predict(args: argparse.Namespace, cfg: Config) -> int:
+    from agent.predict import command
+
+    return command(args, cfg)
+
+
 def cmd_build_engine(args: argparse.Namespace, cfg: Config) -> int:
     from engines.build import command
 
@@ -156,6 +171,13 @@ def cmd_bench(args: argparse.Namespace, cfg: Config) -> int:
     from engines.bench import command
 
     return command(args, cfg)
+
+
+def _version() -> str:
+    try:
+        return version("inspection-agent")
+    except PackageNotFoundError:  # run from a checkout that was never installed
+        return "unknown (not installed)"
 
 
 def _print_table(summary: dict) -> None:

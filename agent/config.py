@@ -16,8 +16,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, ValidationError
 
+from agent import overlay
+from agent.archive import ArchiveSettings
+from agent.http import HttpSettings
 from agent.mqtt import MqttConfig
 from agent.sources import SOURCES, SourceSettings
 from calibration.settings import ModelConfig
@@ -33,19 +36,14 @@ class ConfigError(ValueError):
 
 class AgentConfig(Settings):
     model: ConfigPath | None = Field(None, description="bundle directory to serve (required by `run`)")
-    name: str = Field("inspection-agent", min_length=1, description="name in logs and health")
-    heatmap: bool = Field(True, description="publish a heatmap image per frame")
-    heatmap_max_side: int = Field(512, ge=16, description="heatmaps are downscaled to this longest side")
-    archive_dir: ConfigPath | None = Field(None, description="not implemented yet: any value is refused")
+    name: str = Field("inspection-agent", min_length=1, description="name in logs, status, health and the page")
+    image_max_side: int = Field(overlay.MAX_SIDE, ge=16, description="overlays and heatmaps (MQTT, archive, "
+                                                                     "page) are at most this long")
     stop_timeout_s: float = Field(5.0, gt=0.0, description="SIGTERM: time allowed to inspect captured frames "
                                                            "and flush before exit")
-
-    @model_validator(mode="after")
-    def _implemented(self) -> "AgentConfig":
-        if self.archive_dir is not None:
-            raise SettingError("archive_dir", "the NG archive is not implemented in this version; remove the "
-                                              "key (verdicts and heatmaps go to MQTT)")
-        return self
+    archive: ArchiveSettings = Field(default_factory=ArchiveSettings,
+                                     description="NG archive on local disk, with retention")
+    http: HttpSettings = Field(default_factory=HttpSettings, description="live page, /metrics and /healthz")
 
 
 class Config(Settings):
@@ -90,7 +88,7 @@ def preflight(cfg: Config, file: Path | None, *, serving: bool = False) -> None:
     where = str(file) if file is not None else "built-in defaults"
     lines = _key_lines(Path(file).read_text()) if file is not None and Path(file).is_file() else {}
     checks: list[tuple[str, Any]] = [("model", _model_files), ("mqtt", _mqtt_files), ("source", _source_files),
-                                     ("runtime", _runtime_device)]
+                                     ("runtime", _runtime_device), ("agent", _agent_archive)]
     if serving:
         checks.append(("agent", _agent_bundle))
     for section, check in checks:
@@ -145,6 +143,13 @@ def _runtime_device(runtime: RuntimeSettings, serving: bool) -> None:
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if index >= count:
         raise SettingError("device", f"{runtime.device} requested, but torch sees {count} CUDA device(s)")
+
+
+def _agent_archive(agent: AgentConfig, serving: bool) -> None:
+    # Only what can never work: a read-only or full archive is a fault to live with (agent/archive.py).
+    folder = agent.archive.dir
+    if folder is not None and Path(folder).exists() and not Path(folder).is_dir():
+        raise SettingError("archive.dir", f"{folder} is not a directory")
 
 
 def _agent_bundle(agent: AgentConfig, serving: bool) -> None:

@@ -23,7 +23,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.config import Config, ModelConfig
-from agent.mqtt import MqttConfig
+from agent.mqtt import MqttConfig, image_root
 from agent.service import run
 from calibration.calibrate import calibrate
 from calibration.evaluate import evaluate, write_outputs
@@ -34,6 +34,7 @@ from engines.pipeline import Pipeline
 
 log = logging.getLogger("agent.demo")
 PREFIX = "demo/line1"
+IMAGES = image_root(MqttConfig(topic_prefix=PREFIX))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,7 +61,7 @@ def main(argv: list[str] | None = None) -> int:
                               spool_path=args.workdir / "spool.sqlite", health_interval_s=2.0)
         run(cfg, threading.Event())
         received.wait_settled()
-        print(json.dumps({"verdicts": len(received.verdicts), "heatmaps": received.heatmaps,
+        print(json.dumps({"verdicts": len(received.verdicts), "images": received.images,
                           "ng": sum(v["status"] == "ng" for v in received.verdicts),
                           "errors": sum(v["status"] == "error" for v in received.verdicts),
                           "last_health": received.health}, indent=1))
@@ -121,14 +122,14 @@ class _Subscriber:
 
     def __init__(self, port: int) -> None:
         self.verdicts: list[dict] = []
-        self.heatmaps = 0
+        self.images = 0
         self.health: dict = {}
         self.last = time.monotonic()
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="demo-plc", protocol=mqtt.MQTTv5)
         self.client.on_message = self._on_message
         subscribed = threading.Event()
         self.client.on_subscribe = lambda *a: subscribed.set()
-        self.client.on_connect = lambda c, *a: c.subscribe(f"{PREFIX}/#", qos=1)
+        self.client.on_connect = lambda c, *a: c.subscribe([(f"{PREFIX}/#", 1), (f"{IMAGES}/#", 1)])
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
         subscribed.wait(10)
@@ -141,8 +142,8 @@ class _Subscriber:
             score = "" if v["image_score"] is None else f"score {v['image_score']:8.3f} (norm {v['normalized_score']:5.2f})"
             print(f"[subscriber] {v['frame_id']:<40} {v['status']:<5} {score} regions {len(v['regions'])}"
                   + (f" error: {v['error']}" if v["error"] else ""), flush=True)
-        elif "/heatmap/" in msg.topic:
-            self.heatmaps += 1
+        elif msg.topic.startswith(f"{IMAGES}/"):
+            self.images += 1
         elif msg.topic.endswith("/health"):
             self.health = json.loads(msg.payload)
 

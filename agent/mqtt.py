@@ -1,28 +1,43 @@
-"""Delivery of verdicts and heatmaps to the plant over MQTT (paho-mqtt 2.x).
+"""Delivery of verdicts and images to the plant over MQTT (paho-mqtt 2.x).
 
-Topics, under ``prefix = mqtt.topic_prefix`` (e.g. ``inspection/line1``):
+JSON topics, under ``prefix = mqtt.topic_prefix`` (e.g. ``inspection/line1``):
 
 ``{prefix}/verdict``
     One UTF-8 JSON verdict per frame, schema ``agent/verdict.schema.json``; QoS ``mqtt.qos``
     (1 by default), not retained. MQTT 5: content type ``application/json``.
-``{prefix}/heatmap/{frame_id}``
-    The frame's heatmap as a binary PNG or JPEG image; same QoS, not retained, published
-    right after its verdict. MQTT 5: correlation data = frame id (UTF-8 bytes), content type
-    ``image/png`` or ``image/jpeg``. In the topic level, ``% / + #`` and NUL of the frame id are
-    percent-encoded (``%25 %2F %2B %23 %00``), so any URL-decoder gives back the frame id.
 ``{prefix}/status``
-    Retained JSON ``{"state": "online" | "offline", "client_id": ..., "reason": ...,
-    "timestamp": ...}`` (epoch seconds); "online" on every connect, with ``"last_outage":
-    {"seconds": ..., "reason": ...}`` after a broker outage; "offline" with reason "stopped"
-    on a clean stop. The Last Will, which the broker publishes when the agent dies or its
-    connection drops, is the "offline" message with reason "connection lost" and no
-    timestamp: its content is fixed when the agent connects, long before the broker sends it.
+    Retained JSON ``{"state": "online" | "offline", "client_id": ..., "agent": ...,
+    "model_id": ..., "model_version": ..., "reason": ..., "timestamp": ...}`` (epoch seconds);
+    "online" on every connect, with ``"last_outage": {"seconds": ..., "reason": ...}`` after a
+    broker outage; "offline" with reason "stopped" on a clean stop. The Last Will, which the
+    broker publishes when the agent dies or its connection drops, is the "offline" message with
+    reason "connection lost" and no timestamp: its content is fixed when the agent connects,
+    long before the broker sends it.
 ``{prefix}/health``
-    Periodic JSON from the health module (every ``mqtt.health_interval_s``); QoS 0, not
-    retained, not spooled: a missed health message is superseded by the next one.
+    Periodic JSON from the health module (every ``mqtt.health_interval_s``); QoS 0, retained
+    (a dashboard that subscribes sees the latest at once), not spooled: a missed health message
+    is superseded by the next one.
 
-Store and forward: ``publish_verdict`` only writes to the on-disk spool (it never waits for
-the network), a verdict and its heatmap in one transaction; a sender thread hands spooled
+Image topics, under ``image_prefix = mqtt.image_prefix`` (``images/{prefix}`` by default), a
+tree of its own, so a ``{prefix}/#`` subscriber gets JSON only (agent/overlay.py makes them):
+
+``{image_prefix}/{status}/{frame_id}``
+    The image (``mqtt.image``: overlay or heatmap) of the frames ``mqtt.images`` names (ng,
+    all or none; status is ``ok`` or ``ng``, an error verdict has no image), PNG or JPEG
+    (``mqtt.image_format``); same QoS as the verdict, not retained, spooled in the verdict's
+    transaction and published right after it. In the topic level, ``% / + #`` and NUL of the
+    frame id are percent-encoded (``%25 %2F %2B %23 %00``), so any URL-decoder gives it back.
+``{image_prefix}/last_ng``
+    Retained: the image (``mqtt.last_ng``) of the latest NG frame, for an HMI that shows the
+    last reject; also spooled with its verdict (a newer one replaces an unsent older one).
+
+MQTT 5 image messages carry content type ``image/png`` or ``image/jpeg``, correlation data =
+frame id (UTF-8 bytes) and the user properties ``frame_id``, ``status`` and ``score`` (the
+normalised score, 1.0 = the image threshold, as text). MQTT 3.1.1 has no properties: the
+frame id and status are in the topic.
+
+Store and forward: ``publish`` only writes to the on-disk spool (it never waits for the
+network), a verdict and its images in one transaction; a sender thread hands spooled
 items to paho in spool order while connected, at most ``WINDOW`` unacknowledged at a time,
 and deletes each from the spool on its PUBACK. Nothing is given to paho while disconnected,
 so paho's in-memory queue never holds more than the in-flight window; paho re-sends that
@@ -30,12 +45,12 @@ window itself after a reconnect (same message ids, DUP set) before anything newe
 after a process restart the spool is replayed from its oldest item. Delivery is
 at-least-once: integrators de-duplicate on frame id.
 
-When the spool cannot be written (disk full, I/O error), ``publish_verdict`` still does not
-raise: while connected it hands the verdict and heatmap straight to paho (same QoS and
+When the spool cannot be written (disk full, I/O error), ``publish`` still does not
+raise: while connected it hands the verdict and images straight to paho (same QoS and
 properties, counted as ``direct``; they may overtake older spooled items). While not
 connected they wait in memory (at most ``HELD_MAX_BYTES``, oldest given up first) and go out
 directly once the broker is back; what memory cannot hold, or still holds at stop, is counted
-as ``lost``. Counts are of verdicts (a heatmap travels with its verdict). Inspection goes on
+as ``lost``. Counts are of verdicts (images travel with their verdict). Inspection goes on
 throughout. One WARNING when the spool starts failing, one line when a write works again.
 The spool itself recovers from damage (see ``agent.spool``).
 
@@ -60,7 +75,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import unquote
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -69,17 +83,19 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 from pydantic import Field, model_validator
 
+from agent import overlay
+from agent.overlay import ImageFormat, ImageKind
 from agent.spool import Message, Spool, SpoolWriteError, check_spool_path
-from agent.verdict import Verdict
+from agent.verdict import Inspection
 from engines.settings import ConfigPath, SettingError, Settings
 
-__all__ = ["WINDOW", "ConnectionState", "MqttConfig", "Publisher", "PublisherStats", "check_files", "heatmap_topic",
-           "read_password", "tls_context"]
+__all__ = ["WINDOW", "ConnectionState", "MqttConfig", "Publisher", "PublisherStats", "check_files", "image_root",
+           "image_topic", "last_ng_topic", "read_password", "tls_context"]
 
 log = logging.getLogger(__name__)
 _paho_log = logging.getLogger(f"{__name__}.paho")
 
-# While the spool cannot be written and the broker is away, verdicts and heatmaps wait in memory
+# While the spool cannot be written and the broker is away, verdicts and images wait in memory
 # up to this many bytes: a short outage on a full disk then loses nothing.
 HELD_MAX_BYTES = 64 * 2**20
 
@@ -88,14 +104,14 @@ HELD_MAX_BYTES = 64 * 2**20
 WINDOW = 16
 
 _IMAGE_TYPES = {b"\x89PNG\r\n\x1a\n": "image/png", b"\xff\xd8\xff": "image/jpeg"}
+_TOPIC_WILDCARDS = {"+", "#", "\0"}
 _TOPIC_ESCAPES = {"%": "%25", "/": "%2F", "+": "%2B", "#": "%23", "\0": "%00"}
 
 
 class MqttConfig(Settings):
     host: str = Field("localhost", min_length=1, description="broker host")
     port: int = Field(1883, ge=1, le=65535, description="broker port (8883 is usual with TLS)")
-    topic_prefix: str = Field("inspection/line1", description="topics: <prefix>/verdict, /heatmap/<frame_id>, "
-                                                              "/status, /health")
+    topic_prefix: str = Field("inspection/line1", description="JSON topics: <prefix>/verdict, /status, /health")
     client_id: str = Field("", description='"" = inspection-agent-<hostname>; unique per broker')
     protocol: Literal["5", "3.1.1"] = Field("5", description='"5" (MQTT 5) | "3.1.1"')
     tls: bool = Field(False, description="connect with TLS")
@@ -109,23 +125,37 @@ class MqttConfig(Settings):
     keepalive: int = Field(30, ge=5, le=65535, description="seconds; the Last Will fires after 1.5x this on a "
                                                            "silent link")
     # QoS 0 has no acknowledgement to delete the spooled item on.
-    qos: int = Field(1, ge=1, le=2, description="verdict and heatmap QoS (1 or 2)")
-    heatmap_format: Literal["png", "jpeg"] = Field("png", description="png | jpeg")
+    qos: int = Field(1, ge=1, le=2, description="verdict and image QoS (1 or 2)")
+    images: Literal["ng", "all", "none"] = Field(
+        "ng", description="frames whose image goes to <image_prefix>/<status>/<frame_id>: ng | all | none")
+    image: ImageKind = Field("overlay", description="that image: overlay (heatmap over the frame, region boxes, "
+                                                   "score) | heatmap")
+    last_ng: Literal["overlay", "heatmap", "none"] = Field("overlay", description="retained image of the latest "
+                                                                                  "NG frame on <image_prefix>/last_ng: "
+                                                                                  "overlay | heatmap | none")
+    image_prefix: str | None = Field(None, description="image topics' tree, apart from the JSON topics; null = "
+                                                       "images/<topic_prefix>")
+    image_format: ImageFormat = Field("png", description="png | jpeg")
     health_interval_s: float = Field(10.0, gt=0.0, description="period of <prefix>/health")
     reconnect_min_s: float = Field(1.0, gt=0.0, description="broker reconnect backoff, doubling ...")
     reconnect_max_s: float = Field(30.0, gt=0.0, description="... up to this")
     spool_path: ConfigPath = Field(Path("/var/lib/inspection-agent/spool.sqlite"),
                                    description="store-and-forward spool (SQLite)")
-    spool_max_messages: int = Field(100_000, ge=1, description="spool bound; when full, oldest heatmaps go "
+    spool_max_messages: int = Field(100_000, ge=1, description="spool bound; when full, oldest images go "
                                                                "first, then oldest verdicts")
     spool_max_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="spool bound in bytes (512 MiB)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "MqttConfig":
-        prefix = self.topic_prefix
-        if not prefix or prefix.startswith("/") or prefix.endswith("/") or set(prefix) & {"+", "#", "\0"}:
-            raise SettingError("topic_prefix", f"expected a topic without wildcards or leading/trailing '/', "
-                                               f"got {prefix!r}")
+        for key in ("topic_prefix", "image_prefix"):
+            prefix = getattr(self, key)
+            if prefix is not None and (not prefix or prefix.startswith("/") or prefix.endswith("/")
+                                       or set(prefix) & _TOPIC_WILDCARDS):
+                raise SettingError(key, f"expected a topic without wildcards or leading/trailing '/', got {prefix!r}")
+        json_tree, image_tree = f"{self.topic_prefix}/", f"{image_root(self)}/"
+        if json_tree.startswith(image_tree) or image_tree.startswith(json_tree):
+            raise SettingError("image_prefix", f"expected a tree apart from topic_prefix {self.topic_prefix!r} (a "
+                                               f"<prefix>/# subscriber must get JSON only), got {image_root(self)!r}")
         if self.reconnect_max_s < self.reconnect_min_s:
             raise SettingError("reconnect_max_s", f"expected at least reconnect_min_s ({self.reconnect_min_s}), "
                                                   f"got {self.reconnect_max_s}")
@@ -172,8 +202,17 @@ class _SpoolFailure:
     lost: int
 
 
-def heatmap_topic(prefix: str, frame_id: str) -> str:
-    return f"{prefix}/heatmap/{''.join(_TOPIC_ESCAPES.get(c, c) for c in frame_id)}"
+def image_root(cfg: MqttConfig) -> str:
+    """The image topics' tree: ``mqtt.image_prefix``, or ``images/<topic_prefix>``."""
+    return cfg.image_prefix if cfg.image_prefix is not None else f"images/{cfg.topic_prefix}"
+
+
+def image_topic(cfg: MqttConfig, status: str, frame_id: str) -> str:
+    return f"{image_root(cfg)}/{status}/{''.join(_TOPIC_ESCAPES.get(c, c) for c in frame_id)}"
+
+
+def last_ng_topic(cfg: MqttConfig) -> str:
+    return f"{image_root(cfg)}/last_ng"
 
 
 def read_password(cfg: MqttConfig) -> str | None:
@@ -220,9 +259,15 @@ def tls_context(cfg: MqttConfig) -> ssl.SSLContext:
 
 
 class Publisher:
-    def __init__(self, cfg: MqttConfig, spool: Spool) -> None:
+    """The MQTT sink. ``identity`` (agent name, model id and version) goes into every status message;
+    images are at most ``image_max_side`` long."""
+
+    def __init__(self, cfg: MqttConfig, spool: Spool, identity: dict[str, str] | None = None,
+                 image_max_side: int = overlay.MAX_SIDE) -> None:
         self.cfg = cfg
         self.spool = spool
+        self.identity = dict(identity or {})
+        self.image_max_side = image_max_side
         self.client_id = cfg.client_id or f"inspection-agent-{socket.gethostname()}"
         self._v5 = cfg.protocol == "5"
         self._topic_verdict = f"{cfg.topic_prefix}/verdict"
@@ -237,7 +282,7 @@ class Publisher:
         self._outage_reason = ""
         self._refusal_logged = False
         self._direct = self._lost = 0
-        self._held: collections.deque[list[Message]] = collections.deque()  # a verdict with its heatmap
+        self._held: collections.deque[list[Message]] = collections.deque()  # a verdict with its images
         self._held_bytes = 0
         self._held_lock = threading.Lock()     # inspection thread adds, sender thread publishes
         self._spool_failure: _SpoolFailure | None = None
@@ -263,15 +308,13 @@ class Publisher:
         self._client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
         self._client.loop_start()
 
-    def publish_verdict(self, verdict: Verdict, heatmap: bytes | None = None) -> None:
-        """Spool the verdict and its encoded heatmap image together; returns without waiting for the
-        network. Never raises for the spool: when it cannot be written, they are published
-        directly (connected) or counted as lost (not connected)."""
-        messages = [Message(self._topic_verdict, verdict.to_json().encode(), self.cfg.qos, kind="verdict")]
-        if heatmap is not None:
-            _image_type(heatmap)  # fail here, in the caller, not later in the sender
-            messages.append(Message(heatmap_topic(self.cfg.topic_prefix, verdict.frame_id), bytes(heatmap),
-                                    self.cfg.qos, kind="heatmap"))
+    def publish(self, inspection: Inspection) -> None:
+        """Spool the verdict and its images (as ``mqtt.images`` and ``mqtt.last_ng`` ask) together;
+        returns without waiting for the network. Never raises for the spool: when it cannot be
+        written, they are published directly (connected) or counted as lost (not connected)."""
+        images = self._images(inspection)  # first: their time goes into the verdict's timings
+        verdict = inspection.verdict
+        messages = [Message(self._topic_verdict, verdict.to_json().encode(), self.cfg.qos, kind="verdict"), *images]
         try:
             self.spool.put_many(messages)
         except SpoolWriteError as e:
@@ -281,11 +324,11 @@ class Publisher:
         self._wake.set()
 
     def publish_health(self, payload: dict[str, Any]) -> bool:
-        """Publish one health message if connected (QoS 0, not spooled); True when handed over."""
+        """Publish one health message if connected (QoS 0, retained, not spooled); True when handed over."""
         if not self._connected.is_set():
             return False
         info = self._client.publish(self._topic_health, json.dumps(payload, separators=(",", ":")),
-                                    qos=0, properties=self._json_properties())
+                                    qos=0, retain=True, properties=self._json_properties())
         return info.rc == mqtt.MQTT_ERR_SUCCESS
 
     def stop(self, timeout_s: float = 5.0) -> bool:
@@ -334,12 +377,44 @@ class Publisher:
                               spool_quarantined=self.spool.quarantined,
                               spool_errors=self.spool.write_errors)
 
+    # -- images (inspection thread) ---------------------------------------------------
+
+    def _images(self, inspection: Inspection) -> list[Message]:
+        """The image messages of one inspection, each kind rendered once; their time is the verdict's
+        ``image`` stage. A failure costs the images, never the verdict."""
+        verdict = inspection.verdict
+        wanted: list[tuple[str, bool, ImageKind]] = []  # topic, retained, kind
+        per_frame = {"all": verdict.status != "error", "ng": verdict.status == "ng", "none": False}[self.cfg.images]
+        if per_frame:
+            wanted.append((image_topic(self.cfg, verdict.status, verdict.frame_id), False, self.cfg.image))
+        if verdict.status == "ng" and self.cfg.last_ng != "none":
+            wanted.append((last_ng_topic(self.cfg), True, self.cfg.last_ng))
+        if not wanted:
+            return []
+        t = time.perf_counter()
+        try:
+            encoded: dict[str, bytes | None] = {}
+            for _, _, kind in wanted:
+                if kind not in encoded:
+                    image = overlay.render(inspection, kind, self.image_max_side)
+                    encoded[kind] = None if image is None else overlay.encode(image, self.cfg.image_format)
+        except Exception:  # the verdict matters more than its picture
+            log.exception("frame %s: image rendering failed; verdict sent without it", verdict.frame_id)
+            return []
+        finally:
+            verdict.timings_ms["image"] = (time.perf_counter() - t) * 1000.0
+        score = verdict.normalized_score if verdict.normalized_score is not None else verdict.image_score
+        properties = (("frame_id", verdict.frame_id), ("status", verdict.status),
+                      ("score", "" if score is None else f"{score:.4f}"))
+        return [Message(topic, payload, self.cfg.qos, retain, kind="image", user_properties=properties)
+                for topic, retain, kind in wanted if (payload := encoded[kind]) is not None]
+
     # -- when the spool cannot be written (inspection thread) ------------------------
 
     def _publish_without_spool(self, messages: list[Message], error: SpoolWriteError) -> None:
         if self._spool_failure is None:
             self._spool_failure = _SpoolFailure(time.monotonic(), self._direct, self._lost)
-            log.warning("MQTT: %s; until it works again, verdicts and heatmaps go straight to the broker "
+            log.warning("MQTT: %s; until it works again, verdicts and images go straight to the broker "
                         "while connected and wait in memory (up to %d MiB) while not", error,
                         HELD_MAX_BYTES >> 20)
         with self._held_lock:
@@ -547,7 +622,7 @@ class Publisher:
         return self._status_payload("online", **fields)
 
     def _status_payload(self, state: str, reason: str | None = None, **fields: Any) -> str:
-        body: dict[str, Any] = {"state": state, "client_id": self.client_id}
+        body: dict[str, Any] = {"state": state, "client_id": self.client_id, **self.identity}
         if reason is not None:
             body["reason"] = reason
         body.update(fields)
@@ -564,11 +639,15 @@ class Publisher:
     def _item_properties(self, message: Message) -> Properties | None:
         if not self._v5:
             return None
-        if message.kind != "heatmap":
+        if message.kind == "verdict":
             return self._json_properties()
         props = Properties(PacketTypes.PUBLISH)
         props.ContentType = _image_type(message.payload)
-        props.CorrelationData = unquote(message.topic.rsplit("/", 1)[1]).encode()
+        user = dict(message.user_properties)
+        if "frame_id" in user:
+            props.CorrelationData = user["frame_id"].encode()
+        if message.user_properties:
+            props.UserProperty = list(message.user_properties)
         return props
 
 
@@ -579,11 +658,11 @@ def _on_paho_log(client: mqtt.Client, userdata: Any, level: int, buf: str) -> No
 
 
 def _image_type(data: bytes) -> str:
+    # From the bytes, not the settings: a spool replayed after a change of image_format holds both.
     for magic, mime in _IMAGE_TYPES.items():
         if data[:len(magic)] == magic:
             return mime
-    raise ValueError(f"heatmap: expected encoded PNG or JPEG bytes, got {len(data)} bytes "
-                     f"starting {bytes(data[:8])!r}")
+    return "application/octet-stream"
 
 
 def _str(path: Path | None) -> str | None:

@@ -1,13 +1,17 @@
-"""Run the agent: frames in, verdicts and heatmaps out over MQTT, as a systemd service.
+"""Run the agent: frames in, verdicts and images out over MQTT (and to the archive and the live
+page), as a systemd service.
 
 Two steps. ``build`` does everything before READY: check the configuration against the machine
 (``preflight``), load and verify the bundle, start the backend and warm it with one frame of
-the size it will serve, open the spool, make the MQTT client and open the source. A
-configuration, bundle or source mistake found there is a ``ConfigError`` (exit 2, one line);
-anything else that fails there is a plain failure (exit 1, restarted by systemd).
+the size it will serve, open the spool, make the MQTT client, open the source, and bind the
+HTTP server when ``agent.http.listen`` is set. A configuration, bundle or source mistake found
+there (an HTTP address in use too) is a ``ConfigError`` (exit 2, one line); anything else that
+fails there is a plain failure (exit 1, restarted by systemd).
 
-``Service.serve`` starts the publisher and the source, tells systemd READY=1 and runs the
-inference loop, which sends WATCHDOG=1 (a hung engine stops the pings). How it ends decides the
+``Service.serve`` starts the sinks (MQTT, the archive), the source and the HTTP server, tells
+systemd READY=1 and runs the inference loop, which sends WATCHDOG=1 (a hung engine stops the
+pings). Every inspection goes to each sink's ``publish``, none of which waits: the publisher
+spools, the archive and the page's recent frames only take a reference. How it ends decides the
 exit status (agent/exit_codes.py): SIGTERM/SIGINT, ``--max-frames`` and a batch source read to
 its end are 0; a batch source that could not be read to its end, or a failure of the loop
 itself, is 1. A frame's own trouble (unreadable, oversized, engine failure) is an error
@@ -36,13 +40,17 @@ from typing import Any
 import numpy as np
 
 from agent import exit_codes, notify
+from agent.archive import Archive
 from agent.config import Config, ConfigError, preflight
 from agent.frames import Frame
 from agent.health import Health
+from agent.http import HttpServer
 from agent.inspector import Inspector
 from agent.mqtt import Publisher
+from agent.page import RecentFrames
 from agent.sources import FrameSource, SourceError, open_source
 from agent.spool import Spool
+from agent.verdict import Inspection
 from engines.bundle import Bundle, BundleError, load_bundle
 from engines.pipeline import Pipeline
 from engines.runtimes import open_backend
@@ -91,13 +99,14 @@ def build(cfg: Config, config_file: Path | None = None) -> "Service":
     log.info("model %s (%s) from %s; %s", bundle.manifest.model_id, bundle.manifest.method, bundle.path, why)
     pipeline = Pipeline(bundle, backend, cfg.runtime)
     _warm_up(pipeline, bundle, cfg, where)
-    inspector = Inspector(bundle, pipeline, cfg.agent.heatmap, cfg.agent.heatmap_max_side, cfg.mqtt.heatmap_format)
+    inspector = Inspector(bundle, pipeline)
+    identity = {"agent": cfg.agent.name, "model_id": inspector.model.id, "model_version": inspector.model.version}
     try:
         spool = Spool(cfg.mqtt.spool_path, cfg.mqtt.spool_max_messages, cfg.mqtt.spool_max_bytes)
     except OSError as e:
         raise ConfigError(f"{where}: mqtt.spool_path: {e}") from None
     try:
-        publisher = Publisher(cfg.mqtt, spool)
+        publisher = Publisher(cfg.mqtt, spool, identity, cfg.agent.image_max_side)
         source = open_source(cfg.source)
     except SourceError as e:
         spool.close()
@@ -105,7 +114,16 @@ def build(cfg: Config, config_file: Path | None = None) -> "Service":
     except ValueError as e:
         spool.close()
         raise ConfigError(f"{where}: mqtt.{e}") from None
-    return Service(cfg, bundle, backend.name, inspector, spool, publisher, source)
+    archive = Archive(cfg.agent.archive, cfg.agent.image_max_side) if cfg.agent.archive.dir is not None else None
+    service = Service(cfg, bundle, backend.name, inspector, spool, publisher, source, archive)
+    if cfg.agent.http.listen is not None:
+        try:
+            service.open_http()
+        except OSError as e:
+            spool.close()
+            raise ConfigError(f"{where}: agent.http.listen: cannot listen on {cfg.agent.http.listen}: "
+                              f"{e.strerror or e}") from None
+    return service
 
 
 def _warm_up(pipeline: Pipeline, bundle: Bundle, cfg: Config, where: str) -> None:
@@ -129,15 +147,33 @@ class Service:
     spool: Spool
     publisher: Publisher
     source: FrameSource
+    archive: Archive | None = None
 
     def __post_init__(self) -> None:
         self.health = Health()
         self.unjudged = 0   # frames captured but not inspected before the stop deadline
+        self.sinks: list[Publisher | Archive | RecentFrames] = [self.publisher]
+        if self.archive is not None:
+            self.sinks.append(self.archive)
+        self.http: HttpServer | None = None
+        self._state = "starting"
+        self._loop_turned = time.monotonic()  # for /healthz: the inspection loop is alive
+
+    def open_http(self) -> None:
+        """Bind the live page's server (``agent.http.listen``); OSError when the address cannot be had."""
+        recent = RecentFrames(self.cfg.agent.http.recent, self.cfg.agent.image_max_side)
+        self.http = HttpServer(self.cfg.agent.http, self.health, recent, self.status)
+        self.sinks.append(recent)
 
     def serve(self, stop: threading.Event, max_frames: int = 0) -> int:
         """READY, the inference loop, then a clean stop; returns the exit status."""
         self.publisher.start()
+        if self.archive is not None:
+            self.archive.start()
         self.source.start()
+        self._state = "serving"
+        if self.http is not None:
+            self.http.start()
         model_id = self.bundle.manifest.model_id
         notify.ready(f"serving {model_id} with {self.backend_name}")
         log.info("ready: source %s, backend %s", self.cfg.source.kind, self.backend_name)
@@ -157,7 +193,7 @@ class Service:
         watchdog_every = notify.watchdog_interval_s() or 5.0
         last_ping = last_health = time.monotonic()
         while not stop.is_set():
-            now = time.monotonic()
+            now = self._loop_turned = time.monotonic()
             if now - last_ping >= watchdog_every:
                 notify.watchdog()  # from this loop only: a stuck engine stops the pings
                 last_ping = now
@@ -177,13 +213,18 @@ class Service:
 
     def _inspect(self, frame: Frame) -> None:
         t = time.perf_counter()
-        result = self.inspector.inspect(frame)
-        self.publisher.publish_verdict(result.verdict, result.heatmap)
-        self.health.record(result.verdict, (time.perf_counter() - t) * 1000.0)
+        self._publish(self.inspector.inspect(frame), t)
+
+    def _publish(self, inspection: Inspection, started: float) -> None:
+        for sink in self.sinks:
+            sink.publish(inspection)
+        self.health.record(inspection.verdict, (time.perf_counter() - started) * 1000.0)
 
     def _stop(self, drain: bool) -> None:
-        """Stop capture, judge what was captured (drain) within the stop timeout, flush, close."""
+        """Stop capture, judge what was captured (drain) within the stop timeout, write the archive's
+        queue and flush MQTT within what is left of it, close."""
         notify.stopping()
+        self._state = "stopping"
         deadline = time.monotonic() + self.cfg.agent.stop_timeout_s
         # A producer waiting on a full queue notices the stop within 0.1 s; one blocked in a camera
         # read is not waited for longer: a frame it still delivers is picked up after the drain.
@@ -196,11 +237,16 @@ class Service:
                 queued = self.source.take_queued()
         elif queued:
             log.info("%d frame(s) read ahead by the source were not taken", len(queued))
+        if self.archive is not None:
+            # Half of what is left: the verdicts waiting for the broker matter more than the evidence.
+            self.archive.stop(max(0.2, (deadline - time.monotonic()) / 2))
         final = self.health_report()
         self.publisher.publish_health(final)
         log.info("health: %s", json.dumps(final, separators=(",", ":")))
         flushed = self.publisher.stop(max(0.5, deadline - time.monotonic()))
         self.spool.close()
+        if self.http is not None:
+            self.http.stop()
         log.info("stopped after %d frames (%d ok, %d ng, %d error, %d not inspected); spool %s",
                  self.health.frames, self.health.ok, self.health.ng, self.health.errors, self.unjudged,
                  "empty" if flushed else "kept for next start")
@@ -218,15 +264,22 @@ class Service:
             late.append(frame.id)
             verdict = self.inspector.error_verdict(
                 frame, "not inspected: the agent was stopped before this frame could be scored")
-            self.publisher.publish_verdict(verdict, None)
-            self.health.record(verdict, 0.0)
+            self._publish(Inspection(verdict), time.perf_counter())
         self.unjudged += len(late)
         if late:
             log.warning("stopping: %d captured frame(s) not inspected in time (error verdicts sent): %s%s",
                         len(late), ", ".join(late[:10]), ", ..." if len(late) > 10 else "")
 
     def health_report(self) -> dict[str, Any]:
-        return self.health.report(agent=self.cfg.agent.name, model_id=self.bundle.manifest.model_id,
-                                  backend=self.backend_name, unjudged=self.unjudged,
-                                  source=asdict(self.source.stats), mqtt=asdict(self.publisher.stats))
+        """The health payload (closes a measurement window: the inspection loop's call)."""
+        return self.health.report(**self.status())
+
+    def status(self) -> dict[str, Any]:
+        """Who serves what, and the state of the loop, the source and the sinks; any thread."""
+        model = self.inspector.model
+        return {"agent": self.cfg.agent.name, "model_id": model.id, "model_version": model.version,
+                "backend": self.backend_name, "state": self._state,
+                "loop_age_s": time.monotonic() - self._loop_turned, "unjudged": self.unjudged,
+                "source": asdict(self.source.stats), "mqtt": asdict(self.publisher.stats),
+                "archive": None if self.archive is None else asdict(self.archive.stats)}
 

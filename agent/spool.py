@@ -1,18 +1,22 @@
 """The on-disk store-and-forward spool between the inspection loop and the MQTT broker.
 
-Every verdict and heatmap is written here first and deleted only when the broker has
+Every verdict and image is written here first and deleted only when the broker has
 acknowledged it (PUBACK), so a broker outage or a killed process loses nothing that fits
 in the spool. Items come back out in insertion order. ``put_many`` writes several messages
-(a verdict and its heatmap) in one transaction: a kill never leaves one without the other.
+(a verdict and its images) in one transaction: a kill never leaves one without the other.
+A retained message replaces the older ones on its topic that are still waiting: the broker
+keeps only the newest, so the older ones would only be sent to be overwritten.
 
 Storage: one SQLite file in WAL mode with ``synchronous=NORMAL``: a committed write survives
 a killed process (the tests kill with SIGKILL); the last few writes before a power cut may
-not. One table, ``spool(seq, topic, payload, qos, retain, kind, created)``. Sequence numbers
-never repeat within a process, not even in a fresh file that replaced a damaged one.
+not. One table, ``spool(seq, topic, payload, qos, retain, kind, created, user_properties)``
+(MQTT 5 user properties as a JSON list of pairs; a file of the layout before that column is
+given it when opened). Sequence numbers never repeat within a process, not even in a fresh file
+that replaced a damaged one.
 
 Policy when full (``max_messages`` items or ``max_bytes`` of payload, whichever comes
 first): a write never blocks and never fails for lack of room in the spool. It makes room
-by dropping the oldest heatmaps first, then the oldest of everything else (verdicts), one at
+by dropping the oldest images (anything but a verdict) first, then the oldest verdicts, one at
 a time, until the spool fits again; the new item itself may be dropped if it alone is too
 large.
 Every dropped item is counted in ``dropped`` (once its transaction has committed) and
@@ -41,6 +45,7 @@ guarded by a lock.
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import shutil
@@ -53,13 +58,13 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
-__all__ = ["DROP_FIRST_KIND", "Message", "Spool", "SpoolItem", "SpoolWriteError", "check_spool_path"]
+__all__ = ["KEPT_LONGEST_KIND", "Message", "Spool", "SpoolItem", "SpoolWriteError", "check_spool_path"]
 
 log = logging.getLogger(__name__)
 
-# Dropped first when the spool is full: a verdict without its heatmap still tells the
-# line what to do; a heatmap without its verdict is useless.
-DROP_FIRST_KIND = "heatmap"
+# When the spool is full everything else goes first: a verdict without its image still tells
+# the line what to do; an image without its verdict is useless.
+KEPT_LONGEST_KIND = "verdict"
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS spool (
@@ -69,10 +74,12 @@ CREATE TABLE IF NOT EXISTS spool (
     qos     INTEGER NOT NULL,
     retain  INTEGER NOT NULL,
     kind    TEXT    NOT NULL,
-    created REAL    NOT NULL
+    created REAL    NOT NULL,
+    user_properties TEXT NOT NULL DEFAULT '[]'
 )
 """
-_COLUMNS = ["seq", "topic", "payload", "qos", "retain", "kind", "created"]
+_COLUMNS = ["seq", "topic", "payload", "qos", "retain", "kind", "created", "user_properties"]
+_COLUMNS_BEFORE_PROPERTIES = _COLUMNS[:-1]
 _DAMAGE_CODES = {sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB}
 # SQLite's limit on "?" in one statement is 32766; deletes of remembered items go in chunks.
 _CHUNK = 500
@@ -88,6 +95,7 @@ class Message:
     qos: int = 1
     retain: bool = False
     kind: str = "verdict"
+    user_properties: tuple[tuple[str, str], ...] = ()  # MQTT 5 user properties, in order
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -195,12 +203,12 @@ class Spool:
             # Delivered items still in the file are skipped, so ask for that many more rows.
             skip = sum(1 for seq in self._delivered if seq > after_seq)
             rows = self._guarded(lambda: self._connection().execute(
-                "SELECT seq, topic, payload, qos, retain, kind, created FROM spool "
+                "SELECT seq, topic, payload, qos, retain, kind, created, user_properties FROM spool "
                 "WHERE seq > ? ORDER BY seq LIMIT ?", (after_seq, limit + skip)).fetchall())
             rows = [row for row in rows if row[0] not in self._delivered][:limit]
         return [SpoolItem(seq=seq, topic=topic, payload=bytes(payload), qos=qos, retain=bool(retain), kind=kind,
-                          created=created)
-                for seq, topic, payload, qos, retain, kind, created in rows]
+                          created=created, user_properties=tuple((str(k), str(v)) for k, v in json.loads(props)))
+                for seq, topic, payload, qos, retain, kind, created, props in rows]
 
     def ack(self, ids: Iterable[int]) -> int:
         """Delete delivered items; returns how many were still waiting (dropped ones are not).
@@ -243,6 +251,9 @@ class Spool:
             seqs = [self._insert_one(db, m) for m in messages]
             totals.count += len(messages)
             totals.nbytes += sum(len(m.payload) for m in messages)
+            for m, seq in zip(messages, seqs):
+                if m.retain:
+                    self._supersede(db, m.topic, seq, totals)
             dropped = self._make_room(db, totals)
         self._totals = totals
         self.dropped += dropped
@@ -252,15 +263,27 @@ class Spool:
 
     @staticmethod
     def _insert_one(db: sqlite3.Connection, m: Message) -> int:
-        cur = db.execute("INSERT INTO spool (topic, payload, qos, retain, kind, created) VALUES (?, ?, ?, ?, ?, ?)",
-                         (m.topic, m.payload, m.qos, int(m.retain), m.kind, time.time()))
+        cur = db.execute("INSERT INTO spool (topic, payload, qos, retain, kind, created, user_properties) "
+                         "VALUES (?, ?, ?, ?, ?, ?, ?)", (m.topic, m.payload, m.qos, int(m.retain), m.kind,
+                                                           time.time(), json.dumps(m.user_properties)))
         return int(cur.lastrowid or 0)
+
+    @staticmethod
+    def _supersede(db: sqlite3.Connection, topic: str, seq: int, totals: _Totals) -> None:
+        """Delete the retained messages on ``topic`` older than ``seq``. One already handed to the
+        broker is delivered all the same; its acknowledgement then finds nothing to delete."""
+        old = db.execute("SELECT seq, LENGTH(payload) FROM spool WHERE topic = ? AND retain = 1 AND seq < ?",
+                         (topic, seq)).fetchall()
+        for old_seq, nbytes in old:
+            db.execute("DELETE FROM spool WHERE seq = ?", (old_seq,))
+            totals.count -= 1
+            totals.nbytes -= nbytes
 
     def _make_room(self, db: sqlite3.Connection, totals: _Totals) -> int:
         dropped = 0
         while totals.count > self.max_messages or totals.nbytes > self.max_bytes:
-            row = db.execute("SELECT seq, LENGTH(payload) FROM spool WHERE kind = ? ORDER BY seq LIMIT 1",
-                             (DROP_FIRST_KIND,)).fetchone()
+            row = db.execute("SELECT seq, LENGTH(payload) FROM spool WHERE kind != ? ORDER BY seq LIMIT 1",
+                             (KEPT_LONGEST_KIND,)).fetchone()
             if row is None:
                 row = db.execute("SELECT seq, LENGTH(payload) FROM spool ORDER BY seq LIMIT 1").fetchone()
             seq, nbytes = row
@@ -273,7 +296,7 @@ class Spool:
     def _log_overflow(self, dropped_now: int) -> None:
         # Once per episode: a long outage would otherwise log every frame.
         if dropped_now and not self._overflowing:
-            log.warning("spool %s full (%d messages / %d bytes max): dropping oldest heatmaps, then "
+            log.warning("spool %s full (%d messages / %d bytes max): dropping oldest images, then "
                         "oldest verdicts; %d dropped so far", self.path, self.max_messages,
                         self.max_bytes, self.dropped)
         self._overflowing = bool(dropped_now)
@@ -345,6 +368,8 @@ class Spool:
             db.execute("PRAGMA journal_mode=WAL")
             db.execute("PRAGMA synchronous=NORMAL")
             db.execute(_SCHEMA)
+            if _columns(db) == _COLUMNS_BEFORE_PROPERTIES:
+                db.execute("ALTER TABLE spool ADD COLUMN user_properties TEXT NOT NULL DEFAULT '[]'")
             self._continue_numbering(db)
             count, nbytes = db.execute(
                 "SELECT COUNT(*), COALESCE(SUM(LENGTH(payload)), 0) FROM spool").fetchone()
@@ -437,9 +462,13 @@ def _check_is_spool(db: sqlite3.Connection) -> None:
     tables = {name for (name,) in db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
     if not tables:
         return
-    columns = [row[1] for row in db.execute("PRAGMA table_info(spool)")]
-    if tables - {"sqlite_sequence"} != {"spool"} or columns != _COLUMNS:
+    columns = _columns(db)
+    if tables - {"sqlite_sequence"} != {"spool"} or columns not in (_COLUMNS, _COLUMNS_BEFORE_PROPERTIES):
         raise _Damage(f"not a spool: tables {sorted(tables)}, spool columns {columns}")
+
+
+def _columns(db: sqlite3.Connection) -> list[str]:
+    return [row[1] for row in db.execute("PRAGMA table_info(spool)")]
 
 
 def _full_or_io(error: BaseException) -> bool:

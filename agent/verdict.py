@@ -1,4 +1,5 @@
-"""The verdict record: one per frame, the payload contract with the PLC/SCADA layer.
+"""The verdict record: one per frame, the payload contract with the PLC/SCADA layer; and the
+inspection, the verdict with what it was judged on, as the sinks receive it.
 
 Field names are stable; ``agent/verdict.schema.json`` is the JSON Schema that the tests
 validate real payloads against. Bump ``SCHEMA_VERSION`` on any incompatible change.
@@ -6,8 +7,11 @@ validate real payloads against. Bump ``SCHEMA_VERSION`` on any incompatible chan
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
+
+import numpy as np
 
 from engines.decision import Region
 
@@ -21,6 +25,11 @@ class ModelInfo:
     id: str
     version: str
     method: str
+
+    @classmethod
+    def of(cls, model_id: str, created: float, method: str) -> "ModelInfo":
+        """A bundle's identity; its version is the calibration time (UTC), new at every recalibration."""
+        return cls(id=model_id, version=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(created)), method=method)
 
 
 @dataclass
@@ -45,3 +54,17 @@ class Verdict:
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), separators=(",", ":"))
+
+
+@dataclass
+class Inspection:
+    """A verdict and the evidence behind it, handed to every sink (MQTT, archive, page).
+
+    ``image`` is the frame as inspected (HxWx3 BGR or HxW grey uint8) and ``score_map`` the
+    pipeline's map at the frame's aspect (at most ``runtime.map_max_side`` long); both are None
+    for a frame that could not be judged. Sinks only read them: the arrays are shared.
+    """
+
+    verdict: Verdict
+    image: np.ndarray | None = None
+    score_map: np.ndarray | None = None

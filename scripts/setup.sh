@@ -3,13 +3,22 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
+SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+apt_install() {  # the package lists are updated only when an install fails without it
+  $SUDO apt-get install -y "$@" >/dev/null 2>&1 \
+    || { $SUDO apt-get update >/dev/null && $SUDO apt-get install -y "$@" >/dev/null; }
+}
+
 if ! command -v mosquitto >/dev/null 2>&1 && [ ! -x /usr/sbin/mosquitto ]; then
-  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
-  $SUDO apt-get install -y mosquitto >/dev/null 2>&1 \
-    || { $SUDO apt-get update >/dev/null && $SUDO apt-get install -y mosquitto >/dev/null; }
+  apt_install mosquitto
+fi
+# The live page's test loads it in a headless browser (and skips, saying so, without one).
+if command -v apt-get >/dev/null 2>&1 && ! command -v chromium >/dev/null 2>&1 \
+   && ! command -v chromium-browser >/dev/null 2>&1 && ! command -v google-chrome >/dev/null 2>&1; then
+  apt_install chromium
 fi
 if ! python -m pip show -q inspection-agent >/dev/null 2>&1 \
-   || ! python -c "import torch, onnxruntime, openvino, nncf, cv2, paho.mqtt, scipy, sklearn, pytest" >/dev/null 2>&1; then
+   || ! python -c "import torch, onnxruntime, openvino, nncf, cv2, paho.mqtt, scipy, sklearn, pytest, prometheus_client" >/dev/null 2>&1; then
   # torch first, the local CPU build: a plain requirement would pull several GB of CUDA packages.
   python -m pip install -q torch==2.13.0
   python -m pip install -q -e ".[test]"

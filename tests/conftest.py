@@ -1,7 +1,9 @@
-"""Shared fixtures: a real mosquitto broker on a free loopback port."""
+"""Shared fixtures: a real mosquitto broker on a free loopback port, small real filesystems (tmpfs), models."""
 from __future__ import annotations
 
+import errno
 import getpass
+import os
 import shutil
 import socket
 import subprocess
@@ -178,3 +180,43 @@ def source_settings(**values: object):
     from agent.sources import SOURCES
 
     return SOURCES.get(str(values["kind"])).settings(**values)
+
+
+@pytest.fixture
+def tmpfs(tmp_path: Path) -> Iterator[Callable[..., Path]]:
+    """Mount real small filesystems (tmpfs) the test can fill or make read-only: ``tmpfs(name, "size=1m")``.
+    Skipped where mounting is not permitted (it needs root); unmounted lazily after the test, since a
+    failed test's agent may still hold files open there."""
+    if os.geteuid() != 0:
+        pytest.skip("a real full or read-only filesystem needs a tmpfs, and mounting one needs root")
+    mounted: list[Path] = []
+
+    def mount(name: str, options: str = "size=1m") -> Path:
+        path = tmp_path / name
+        path.mkdir(parents=True, exist_ok=True)
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)], capture_output=True, text=True)
+        if r.returncode != 0:
+            pytest.skip(f"cannot mount a tmpfs here: {r.stderr.strip()}")
+        mounted.append(path)
+        return path
+
+    yield mount
+    for path in mounted:
+        subprocess.run(["umount", "--lazy", str(path)], check=False)
+
+
+def remount(path: Path, options: str) -> None:
+    """Change a mounted tmpfs's options, e.g. ``ro`` or ``rw``."""
+    subprocess.run(["mount", "-o", f"remount,{options}", str(path)], check=True, capture_output=True)
+
+
+def fill(folder: Path) -> Path:
+    """Write a file until the filesystem is full; unlink it to give the space back."""
+    filler = folder / "filler"
+    with open(filler, "wb", buffering=0) as f:
+        try:
+            while True:
+                f.write(bytes(4096))
+        except OSError as e:
+            assert e.errno == errno.ENOSPC, e
+    return filler

@@ -17,11 +17,12 @@ WAIT_S = 30.0  # generous: a bound on a hang, not a performance claim
 
 
 class Subscriber:
-    """A separate paho client that records everything under PREFIX/#."""
+    """A separate paho client that records everything under PREFIX/# (and ``image_prefix``/# when given),
+    in the order it arrives."""
 
     def __init__(self, broker: Any, protocol: int = mqtt.MQTTv5, client_id: str = "", prefix: str = PREFIX,
                  persistent: bool = False, username: str | None = None, password: str | None = None,
-                 ca_file: Path | None = None) -> None:
+                 ca_file: Path | None = None, image_prefix: str | None = None) -> None:
         self.messages: list[mqtt.MQTTMessage] = []
         self.prefix = prefix
         self._lock = threading.Lock()
@@ -35,7 +36,8 @@ class Subscriber:
         if ca_file:
             self.client.tls_set(ca_certs=str(ca_file))
         self.client.reconnect_delay_set(0.1, 0.5)
-        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe(f"{prefix}/#", qos=1)
+        topics = [f"{p}/#" for p in (prefix, image_prefix) if p is not None]
+        self.client.on_connect = lambda c, u, f, rc, p: c.subscribe([(t, 1) for t in topics])
         self.client.on_subscribe = lambda c, u, mid, rcs, p: self._subscribed.set()
         self.client.on_message = self._on_message
         self.client.connect(broker.host, broker.port, keepalive=30)
@@ -52,6 +54,11 @@ class Subscriber:
 
     def verdict_ids(self) -> list[str]:
         return [json.loads(m.payload)["frame_id"] for m in self.on(f"{self.prefix}/verdict")]
+
+    def under(self, prefix: str) -> list[mqtt.MQTTMessage]:
+        """Messages on topics under ``prefix``/, in arrival order."""
+        with self._lock:
+            return [m for m in self.messages if m.topic.startswith(f"{prefix}/")]
 
     def wait_for(self, condition: Callable[[], bool], what: str) -> None:
         wait_until(condition, what)

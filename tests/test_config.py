@@ -37,12 +37,18 @@ def test_shipped_config_is_the_models_defaults_and_documents_every_key() -> None
     ("model: [1, 2]\n", ":1: model: expected a mapping, got list"),
     ("model: {\n", ":2:1: not valid YAML"),
     ("source:\n  fps: 1\nmqtt:\n  qos: true\n", ":4: mqtt.qos: expected an integer, got True"),
-    ("agent:\n  heatmap: 1\n", ":2: agent.heatmap: expected true or false, got 1"),
+    ("agent:\n  image_max_side: true\n", ":2: agent.image_max_side: expected an integer, got True"),
     ("mqtt:\n  health_interval_s: 0\n", ":2: mqtt.health_interval_s: expected more than 0"),
     ("source:\n  reconnect_min_s: -1\n", ":2: source.reconnect_min_s: expected more than 0"),
     ("runtime:\n  threads: -2\n", ":2: runtime.threads: expected at least 0, got -2"),
     ("runtime:\n  device: gpu0\n", ":2: runtime.device: expected auto, cpu, cuda or cuda:N, got 'gpu0'"),
-    ("agent:\n  archive_dir: /tmp/a\n", ":2: agent.archive_dir: the NG archive is not implemented"),
+    ("agent:\n  archive_dir: /tmp/a\n", ":2: unknown key 'agent.archive_dir' (expected one of: model, name, "),
+    ("agent:\n  archive:\n    max_bytes: 0\n", ":3: agent.archive.max_bytes: expected at least 1, got 0"),
+    ("agent:\n  archive:\n    every_ok: -1\n", ":3: agent.archive.every_ok: expected at least 0, got -1"),
+    ("agent:\n  http:\n    listen: localhost\n", ":3: agent.http.listen: expected \"PORT\", \"HOST:PORT\""),
+    ("agent:\n  http:\n    listen: ::1:80\n", ":3: agent.http.listen: expected \"PORT\""),
+    ("mqtt:\n  images: some\n", ":2: mqtt.images: expected one of 'ng', 'all' or 'none', got 'some'"),
+    ("mqtt:\n  topic_prefix: a/b\n  image_prefix: a/b/img\n", ":3: mqtt.image_prefix: expected a tree apart "),
     ("model:\n  mask:\n    kind: roi\n", ":2: model.mask.polygons: kind 'roi'"),
     ("model:\n  taps: [stage3, 4]\n", ":2: model.taps[1]: expected a string, got 4"),
 ])
@@ -63,6 +69,7 @@ def test_bad_config_names_file_line_and_key(tmp_path: Path, text: str, expected:
     ("mqtt:\n  spool_path: here\n", ":2: mqtt.spool_path: "),
     ("mqtt:\n  spool_path: config.yaml/spool.sqlite\n", ":2: mqtt.spool_path: "),
     ("model:\n  weights: nothing.pth\n", ":2: model.weights: file not found"),
+    ("agent:\n  archive:\n    dir: config.yaml\n", ":3: agent.archive.dir: "),
 ])
 def test_preflight_finds_what_run_would_refuse(tmp_path: Path, text: str, expected: str) -> None:
     (tmp_path / "ca.pem").write_text("not a certificate\n")

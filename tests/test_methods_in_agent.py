@@ -38,7 +38,7 @@ def test_method_gives_one_valid_verdict_per_frame(method: str, tiled: bool, samp
         payload = json.loads(result.verdict.to_json())
         validator.validate(payload)
         assert payload["status"] in ("ok", "ng"), payload["error"]
-        assert np.isfinite(payload["image_score"]) and result.heatmap is not None
+        assert np.isfinite(payload["image_score"]) and result.score_map is not None
         assert {"prepare", "score"} <= set(payload["timings_ms"])
         assert (payload["status"] == "ng") == (payload["normalized_score"] >= 1.0) == bool(payload["regions"])
 

@@ -23,16 +23,18 @@ from mqtt_client import WAIT_S, subscribers  # noqa: F401  (fixture)
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "plant/line7"
+IMAGES = f"images/{PREFIX}"  # the image topics' tree by default
 SCHEMA = json.loads((REPO / "agent" / "verdict.schema.json").read_text())
 
 
-def write_config(tmp_path: Path, broker: Any, bundle_dir: Path, source: dict, **agent: Any) -> Path:
+def write_config(tmp_path: Path, broker: Any, bundle_dir: Path, source: dict, mqtt: dict | None = None,
+                 **agent: Any) -> Path:
     cfg = {
         "runtime": {"backend": "onnxruntime", "threads": 1},
         "source": source,
         "mqtt": {"host": broker.host, "port": broker.port, "topic_prefix": PREFIX, "client_id": "agent-e2e",
                  "reconnect_min_s": 0.1, "reconnect_max_s": 0.5, "health_interval_s": 0.5,
-                 "spool_path": str(tmp_path / "spool.sqlite")},
+                 "spool_path": str(tmp_path / "spool.sqlite"), **(mqtt or {})},
         "agent": {"model": str(bundle_dir), "stop_timeout_s": 3.0, **agent},
     }
     path = tmp_path / "agent.yaml"
@@ -69,12 +71,15 @@ def spooled(tmp_path: Path) -> int:
         return 0
 
 
-def test_n_frames_give_n_valid_verdicts_and_correlated_heatmaps(mosquitto, subscribers, padim_bundle,
-                                                                 tmp_path: Path) -> None:
-    sub = subscribers(mosquitto, prefix=PREFIX)
+def test_n_frames_give_n_valid_verdicts_and_images_on_their_own_tree(mosquitto, subscribers, padim_bundle,
+                                                                     tmp_path: Path) -> None:
+    sub = subscribers(mosquitto, prefix=PREFIX)  # what a <prefix>/# JSON consumer sees
+    hmi = subscribers(mosquitto, prefix=IMAGES)
     n = 12
-    finish(start_agent(write_config(tmp_path, mosquitto, padim_bundle.path, synthetic(n))))
-    sub.wait_for(lambda: len(sub.verdict_ids()) == n and len(heatmaps(sub)) == n, f"{n} verdicts and heatmaps")
+    finish(start_agent(write_config(tmp_path, mosquitto, padim_bundle.path, synthetic(n), {"images": "all"},
+                                    name="line7-cam1")))
+    sub.wait_for(lambda: len(sub.verdict_ids()) == n, f"{n} verdicts")
+    hmi.wait_for(lambda: len(frame_images(hmi)) == n, f"{n} images")
     verdicts = [json.loads(m.payload) for m in sub.on(f"{PREFIX}/verdict")]
     validator = Draft202012Validator(SCHEMA)
     for v in verdicts:
@@ -85,20 +90,42 @@ def test_n_frames_give_n_valid_verdicts_and_correlated_heatmaps(mosquitto, subsc
     for v in verdicts:
         assert (v["status"] == "ng") == (v["normalized_score"] >= 1.0) == bool(v["regions"])
         assert v["model"]["id"] == padim_bundle.manifest.model_id
-        assert {"prepare", "score", "stitch", "download"} <= set(v["timings_ms"])
-    maps = heatmaps(sub)
-    assert set(maps) == set(ids)
-    for frame_id, payload in maps.items():
-        img = cv2.imdecode(np.frombuffer(payload, np.uint8), cv2.IMREAD_COLOR)
+        assert {"prepare", "score", "stitch", "download", "image"} <= set(v["timings_ms"])
+    assert all(m.topic.startswith(f"{PREFIX}/") and m.topic.rsplit("/", 1)[1] in ("verdict", "status", "health")
+               for m in sub.messages)  # JSON only
+
+    by_id = {v["frame_id"]: v for v in verdicts}
+    images = frame_images(hmi)
+    assert set(images) == set(ids)
+    for frame_id, msg in images.items():
+        status = by_id[frame_id]["status"]
+        assert msg.topic == f"{IMAGES}/{status}/{frame_id}"
+        img = cv2.imdecode(np.frombuffer(msg.payload, np.uint8), cv2.IMREAD_COLOR)
         assert img is not None and img.shape[:2] == (160, 192), frame_id
+        assert msg.properties.CorrelationData == frame_id.encode()
+        assert msg.properties.UserProperty == [("frame_id", frame_id), ("status", status),
+                                               ("score", f"{by_id[frame_id]['normalized_score']:.4f}")]
+    last_ng = [v for v in verdicts if v["status"] == "ng"][-1]["frame_id"]
+    hmi.wait_for(lambda: hmi.on(f"{IMAGES}/last_ng"), "the last NG image")
+    assert hmi.on(f"{IMAGES}/last_ng")[-1].properties.CorrelationData == last_ng.encode()
+
     status = json.loads(sub.on(f"{PREFIX}/status")[-1].payload)
     assert status["state"] == "offline" and status["reason"] == "stopped"
-    health = [json.loads(m.payload) for m in sub.on(f"{PREFIX}/health")]
-    assert health and health[-1]["frames"] == n and "score" in health[-1]["stage_ms"]
+    model = padim_bundle.manifest
+    assert status["agent"] == "line7-cam1" and status["model_id"] == model.model_id
+    assert status["model_version"] == by_id[ids[0]]["model"]["version"]
+    later = subscribers(mosquitto, prefix=PREFIX)  # a dashboard starting now: the retained health
+    later.wait_for(lambda: later.on(f"{PREFIX}/health"), "the retained health")
+    (health,) = later.on(f"{PREFIX}/health")
+    body = json.loads(health.payload)
+    assert health.retain and body["frames"] == n and "score" in body["stage_ms"]
+    assert body["agent"] == "line7-cam1" and body["model_version"] == status["model_version"]
+    assert abs(body["timestamp"] - time.time()) < WAIT_S
 
 
-def heatmaps(sub) -> dict[str, bytes]:
-    return {m.topic.rsplit("/", 1)[1]: m.payload for m in sub.messages if "/heatmap/" in m.topic}
+def frame_images(sub) -> dict[str, Any]:
+    """Per-frame images by frame id (the last NG's retained copy is not one of them)."""
+    return {m.topic.rsplit("/", 1)[1]: m for m in sub.messages if m.topic.count("/") == IMAGES.count("/") + 2}
 
 
 def test_corrupt_image_gives_an_error_verdict_and_the_stream_goes_on(mosquitto, subscribers, padim_bundle,

@@ -18,11 +18,11 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 
-from agent.mqtt import heatmap_topic
+from agent.mqtt import image_root, image_topic
 from agent.spool import Message, Spool, SpoolWriteError
 
 from mqtt_client import PREFIX, subscribers, wait_until  # noqa: F401  (fixture)
-from test_mqtt import config, encode, heatmap_image, make_verdict, publishers  # noqa: F401  (fixture)
+from test_mqtt import config, make_inspection, publishers, verdict_only  # noqa: F401  (fixture)
 
 
 @pytest.fixture
@@ -91,7 +91,7 @@ def test_a_write_on_a_full_disk_rolls_back_and_the_next_one_works(small_disk: Pa
     spool.put("t/verdict", b"v0")
     filler = fill(small_disk)
 
-    pair = [Message("t/verdict", b"v1"), Message("t/heatmap/1", b"h1", kind="heatmap")]
+    pair = [Message("t/verdict", b"v1"), Message("t/image/1", b"h1", kind="image")]
     with pytest.raises(SpoolWriteError, match=f"spool {path}: cannot write: database or disk is full"):
         spool.put_many(pair)  # would have dropped v0 to make room: that is rolled back too
     assert len(spool) == 1 and spool.nbytes == 2 and spool.dropped == 0 and spool.write_errors == 1
@@ -99,7 +99,7 @@ def test_a_write_on_a_full_disk_rolls_back_and_the_next_one_works(small_disk: Pa
 
     filler.unlink()
     spool.put_many(pair)
-    assert [i.payload for i in spool.pending(10)] == [b"v0", b"v1"]  # room made: the heatmap went
+    assert [i.payload for i in spool.pending(10)] == [b"v0", b"v1"]  # room made: the image went
     assert spool.dropped == 1 and len(spool) == rows(path) == 2
     spool.close()
 
@@ -131,26 +131,28 @@ def test_on_a_full_disk_verdicts_go_direct_or_wait_in_memory_then_the_spool_reco
         caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="agent.mqtt")
     path = small_disk / "spool.sqlite"
-    live = subscribers(mosquitto)  # MQTT 5: sees the properties
+    cfg = config(mosquitto, tmp_path, spool_path=path, images="all", last_ng="none")
+    live = subscribers(mosquitto, image_prefix=image_root(cfg))  # MQTT 5: sees the properties
     plc = subscribers(mosquitto, protocol=mqtt.MQTTv311, client_id="plc", persistent=True)  # across restarts
-    pub = publishers(config(mosquitto, tmp_path, spool_path=path))
-    pub.publish_verdict(make_verdict(0))
+    pub = publishers(cfg)
+    pub.publish(verdict_only(0))
     wait_until(lambda: pub.stats.acked == 1 and rows(path) == 0, "the first verdict delivered and deleted")
     filler = fill(small_disk)
 
-    # Broker up: straight to it, verdict then heatmap, same QoS and properties.
+    # Broker up: straight to it, verdict then image, same QoS and properties.
     for i in range(1, 4):
-        pub.publish_verdict(make_verdict(i), encode(heatmap_image(i)))
-    live.wait_for(lambda: len(live.verdict_ids()) == 4 and len(heatmap_ids(live)) == 3, "direct verdicts")
+        pub.publish(make_inspection(i))
+    live.wait_for(lambda: len(live.verdict_ids()) == 4 and len(image_ids(live, cfg)) == 3, "direct verdicts")
     delivered = [m for m in live.messages if m.topic != f"{PREFIX}/status"]
     assert [json.loads(m.payload)["frame_id"] if m.topic == f"{PREFIX}/verdict" else m.topic for m in delivered] == [
-        "f00000", "f00001", heatmap_topic(PREFIX, "f00001"), "f00002", heatmap_topic(PREFIX, "f00002"),
-        "f00003", heatmap_topic(PREFIX, "f00003")]
+        "f00000", "f00001", image_topic(cfg, "ok", "f00001"), "f00002", image_topic(cfg, "ok", "f00002"),
+        "f00003", image_topic(cfg, "ng", "f00003")]
     for m in delivered:
         assert m.qos == 1 and not m.retain
-        if "/heatmap/" in m.topic:
+        if m.topic.startswith(image_root(cfg)):
             assert m.properties.ContentType == "image/png"
             assert m.properties.CorrelationData == m.topic.rsplit("/", 1)[1].encode()
+            assert dict(m.properties.UserProperty)["frame_id"] == m.topic.rsplit("/", 1)[1]
         else:
             assert m.properties.ContentType == "application/json"
     stats = pub.stats
@@ -159,14 +161,14 @@ def test_on_a_full_disk_verdicts_go_direct_or_wait_in_memory_then_the_spool_reco
     # Broker down as well: they wait in memory, inspection goes on.
     mosquitto.stop()
     wait_until(lambda: not pub.stats.connected, "the publisher to notice the outage")
-    pub.publish_verdict(make_verdict(4), encode(heatmap_image(4)))
-    pub.publish_verdict(make_verdict(5))
+    pub.publish(make_inspection(4))
+    pub.publish(verdict_only(5))
     stats = pub.stats
     assert stats.direct == 3 and stats.held == 2 and stats.lost == 0 and stats.spool_errors == 5
 
     # Space back: the next write simply works; all are delivered when the broker returns.
     filler.unlink()
-    pub.publish_verdict(make_verdict(6))
+    pub.publish(verdict_only(6))
     assert pub.stats.spooled == 1 and pub.stats.spool_errors == 5
     mosquitto.start()
     plc.wait_for(lambda: {"f00004", "f00005", "f00006"} <= set(plc.verdict_ids()), "the held and spooled verdicts")
@@ -192,7 +194,7 @@ def test_what_memory_cannot_hold_is_counted_lost(small_disk: Path, mosquitto: An
     pub = publishers(config(mosquitto, tmp_path, spool_path=small_disk / "spool.sqlite"))
     fill(small_disk)
     for i in range(4):
-        pub.publish_verdict(make_verdict(i))
+        pub.publish(verdict_only(i))
     assert pub.stats.held == 0 and pub.stats.lost == 4  # each alone is over the bound
 
 
@@ -207,13 +209,13 @@ def test_failed_deletes_after_delivery_neither_resend_nor_crash(
     mosquitto.stop()
     wait_until(lambda: not pub.stats.connected, "the publisher to notice the outage")
     for i in range(5):
-        pub.publish_verdict(make_verdict(i))
+        pub.publish(verdict_only(i))
     filler = fill(small_disk)
     mosquitto.start()
 
     wait_until(lambda: pub.stats.acked == 5 and pub.stats.spooled == 0, "the acknowledgements")
     assert rows(path) == 5 and pub.spool.pending(10) == []  # delivered, not deleted, not waiting
-    pub.publish_verdict(make_verdict(99))  # the disk is still full: straight to the broker
+    pub.publish(verdict_only(99))  # the disk is still full: straight to the broker
     plc.wait_for(lambda: "f00099" in plc.verdict_ids(), "the verdict after them")
     assert plc.verdict_ids() == [f"f{i:05d}" for i in range(5)] + ["f00099"]  # nothing twice
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
@@ -223,8 +225,8 @@ def test_failed_deletes_after_delivery_neither_resend_nor_crash(
     assert pub.stats.spooled == 0 and pub.stats.acked == 5
 
 
-def heatmap_ids(sub: Any) -> list[str]:
-    return [m.topic.rsplit("/", 1)[1] for m in sub.messages if "/heatmap/" in m.topic]
+def image_ids(sub: Any, cfg: Any) -> list[str]:
+    return [m.topic.rsplit("/", 1)[1] for m in sub.under(image_root(cfg))]
 
 
 # -- damaged files ----------------------------------------------------------------------
@@ -289,7 +291,7 @@ def test_damage_found_at_run_time_moves_the_file_aside_and_numbering_goes_on(
     old = [spool.put("t/verdict", b"v%d" % i) for i in range(50)]
     overwrite_pages(path)
 
-    new = spool.put_many([Message("t/verdict", b"after"), Message("t/heatmap/x", b"hm", kind="heatmap")])
+    new = spool.put_many([Message("t/verdict", b"after"), Message("t/image/x", b"hm", kind="image")])
     (moved,) = moved_aside(path)
     assert spool.quarantined == 1 and Path(f"{moved}-wal").exists()  # the log went with it
     assert min(new) > max(old)  # an ack meant for the old file cannot delete a new item
@@ -303,16 +305,17 @@ def test_damage_found_at_run_time_moves_the_file_aside_and_numbering_goes_on(
 def test_the_publisher_goes_on_after_its_spool_was_replaced(mosquitto: Any, subscribers: Any, publishers: Any,
                                                             tmp_path: Path) -> None:
     path = tmp_path / "spool.sqlite"
-    sub = subscribers(mosquitto)
-    pub = publishers(config(mosquitto, tmp_path, spool_path=path))
+    cfg = config(mosquitto, tmp_path, spool_path=path, images="all", last_ng="none")
+    sub = subscribers(mosquitto, image_prefix=image_root(cfg))
+    pub = publishers(cfg)
     for i in range(3):
-        pub.publish_verdict(make_verdict(i))
+        pub.publish(verdict_only(i))
     sub.wait_for(lambda: len(sub.verdict_ids()) == 3, "the first verdicts")
     overwrite_pages(path)
 
     for i in range(3, 6):
-        pub.publish_verdict(make_verdict(i), encode(heatmap_image(i)))
-    sub.wait_for(lambda: len(sub.verdict_ids()) == 6 and len(heatmap_ids(sub)) == 3, "the verdicts after it")
+        pub.publish(make_inspection(i))
+    sub.wait_for(lambda: len(sub.verdict_ids()) == 6 and len(image_ids(sub, cfg)) == 3, "the verdicts after it")
     assert sub.verdict_ids() == [f"f{i:05d}" for i in range(6)]
     assert pub.stats.spool_quarantined == 1 and len(moved_aside(path)) == 1
     assert pub.stop(timeout_s=10) is True

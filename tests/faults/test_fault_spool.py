@@ -1,5 +1,5 @@
 """Fault class 4: a spool that degrades instead of crashing (disk full on a real small filesystem,
-a damaged file, a path that cannot work, a kill between a verdict and its heatmap)."""
+a damaged file, a path that cannot work, a kill between a verdict and its images)."""
 from __future__ import annotations
 
 import errno
@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import paho.mqtt.client as mqtt
 import pytest
 
 from fault_helpers import (Agent, check_config, one_line_error, run_agent, synthetic, verdicts, wait_until,
@@ -62,7 +63,9 @@ def last_health(sub) -> dict:
 
 def test_disk_full_during_an_outage_loses_nothing_it_does_not_count(mosquitto, subscribers, padim_bundle, tmp_path,
                                                                 small_fs) -> None:
-    sub = subscribers(mosquitto, prefix="plant/faults")
+    # A persistent session: the broker keeps what the agent sends while this subscriber reconnects
+    # after the outage (the agent may be back first and flush at once).
+    sub = subscribers(mosquitto, prefix="plant/faults", protocol=mqtt.MQTTv311, client_id="plc", persistent=True)
     agent = Agent(write_config(tmp_path, mosquitto, padim_bundle.path, synthetic(0, fps=10),
                                mqtt={"spool_path": str(small_fs / "spool.sqlite")}))
     try:
@@ -134,9 +137,10 @@ def test_spool_path_on_a_read_only_filesystem_is_a_configuration_error(mosquitto
         subprocess.run(["umount", "-l", str(ro)], check=False)
 
 
-def test_a_kill_never_leaves_a_verdict_without_its_heatmap(mosquitto, padim_bundle, tmp_path) -> None:
+def test_a_kill_never_leaves_a_verdict_without_its_images(mosquitto, padim_bundle, tmp_path) -> None:
     mosquitto.stop()  # everything stays in the spool
-    agent = Agent(write_config(tmp_path, mosquitto, padim_bundle.path, synthetic(0, fps=30)))
+    agent = Agent(write_config(tmp_path, mosquitto, padim_bundle.path, synthetic(0, fps=30),
+                               mqtt={"images": "all"}))
     spool = tmp_path / "spool.sqlite"
 
     def spooled() -> int:
@@ -152,6 +156,9 @@ def test_a_kill_never_leaves_a_verdict_without_its_heatmap(mosquitto, padim_bund
         agent.kill()  # SIGKILL, in the middle of the stream
     with sqlite3.connect(spool) as db:
         rows = db.execute("select kind, topic, payload from spool order by seq").fetchall()
-    frame_ids = [json.loads(p)["frame_id"] for kind, _, p in rows if kind == "verdict"]
-    heatmaps = [t.rsplit("/", 1)[1] for kind, t, _ in rows if kind == "heatmap"]
-    assert frame_ids and frame_ids == heatmaps  # pairs, in order, none torn
+    verdicts = [json.loads(p) for kind, _, p in rows if kind == "verdict"]
+    images = [t for kind, t, _ in rows if kind == "image" and not t.endswith("/last_ng")]
+    # Pairs, in order, none torn: each verdict's image on its status's topic.
+    assert verdicts and images == [f"images/plant/faults/{v['status']}/{v['frame_id']}" for v in verdicts]
+    # The retained last NG image: only the newest waits, the spool dropped those it replaced.
+    assert len([t for _, t, _ in rows if t.endswith("/last_ng")]) == 1

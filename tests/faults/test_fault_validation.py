@@ -20,7 +20,8 @@ CASES = {
                                 "mqtt.password_env: environment variable NO_SUCH_VARIABLE_SET is not set"),
     "bad CA file": ({"mqtt": {"tls": True, "ca_file": "ca.pem"}}, "mqtt.ca_file: "),
     "frame limit": ({"source": {"max_pixels": 10}}, "source.max_pixels: expected at least 1024"),
-    "documented key that does nothing": ({"agent": {"archive_dir": "archive"}}, "agent.archive_dir: "),
+    "archive that is a file": ({"agent": {"archive": {"dir": "ca.pem"}}}, "agent.archive.dir: "),
+    "bad HTTP address": ({"agent": {"http": {"listen": "localhost"}}}, "agent.http.listen: expected"),
 }
 
 
