@@ -23,6 +23,11 @@ gets an ``error`` verdict saying it was not inspected (counted as ``unjudged`` i
 every frame that entered has exactly one verdict; the broker gets what it takes before the
 deadline and the rest stays in the spool for the next start. SIGHUP is logged and ignored:
 the configuration is read at start, so a change takes a restart.
+
+Commands (agent/commands.py): a trigger goes to the trigger source (refused while paused);
+reload, pause and resume are carried out by the inspection loop between frames, so a reload
+never swaps the model under a frame being scored. A reload verifies the new bundle (load,
+hashes, backend, one warm-up frame) before switching; on failure the old one keeps serving.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import argparse
 import json
 import logging
 import os
+import queue
 import signal
 import threading
 import time
@@ -41,6 +47,7 @@ import numpy as np
 
 from agent import exit_codes, notify
 from agent.archive import Archive
+from agent.commands import Command, Commands
 from agent.config import Config, ConfigError, preflight
 from agent.frames import Frame
 from agent.health import Health
@@ -49,6 +56,7 @@ from agent.inspector import Inspector
 from agent.mqtt import Publisher
 from agent.page import RecentFrames
 from agent.sources import FrameSource, SourceError, open_source
+from agent.sources.trigger import TriggerRequest, TriggerSource
 from agent.spool import Spool
 from agent.verdict import Inspection
 from engines.bundle import Bundle, BundleError, load_bundle
@@ -116,6 +124,10 @@ def build(cfg: Config, config_file: Path | None = None) -> "Service":
         raise ConfigError(f"{where}: mqtt.{e}") from None
     archive = Archive(cfg.agent.archive, cfg.agent.image_max_side) if cfg.agent.archive.dir is not None else None
     service = Service(cfg, bundle, backend.name, inspector, spool, publisher, source, archive)
+    if isinstance(source, TriggerSource) or cfg.mqtt.commands:
+        service.commands = Commands(publisher, cfg.mqtt.topic_prefix,
+                                    service.trigger if isinstance(source, TriggerSource) else None,
+                                    cfg.mqtt.commands)
     if cfg.agent.http.listen is not None:
         try:
             service.open_http()
@@ -148,6 +160,7 @@ class Service:
     publisher: Publisher
     source: FrameSource
     archive: Archive | None = None
+    commands: Commands | None = None
 
     def __post_init__(self) -> None:
         self.health = Health()
@@ -157,6 +170,7 @@ class Service:
             self.sinks.append(self.archive)
         self.http: HttpServer | None = None
         self._state = "starting"
+        self._paused = threading.Event()
         self._loop_turned = time.monotonic()  # for /healthz: the inspection loop is alive
 
     def open_http(self) -> None:
@@ -191,7 +205,7 @@ class Service:
     def _loop(self, stop: threading.Event, max_frames: int) -> str:
         """Frames until a deliberate end; returns why it ended: signal, max_frames or source."""
         watchdog_every = notify.watchdog_interval_s() or 5.0
-        last_ping = last_health = time.monotonic()
+        last_ping = last_health = last_beat = time.monotonic()
         while not stop.is_set():
             now = self._loop_turned = time.monotonic()
             if now - last_ping >= watchdog_every:
@@ -200,7 +214,14 @@ class Service:
             if now - last_health >= self.cfg.mqtt.health_interval_s:
                 self.publisher.publish_health(self.health_report())
                 last_health = now
-            frame = self.source.get(timeout=0.2)
+            if self.cfg.mqtt.heartbeat_s and now - last_beat >= self.cfg.mqtt.heartbeat_s:
+                self.publisher.publish_heartbeat(self.state)
+                last_beat = now
+            self._carry_out_commands()
+            if self._paused.is_set():
+                stop.wait(min(0.2, self.cfg.mqtt.heartbeat_s or 0.2))
+                continue
+            frame = self.source.get(timeout=min(0.2, self.cfg.mqtt.heartbeat_s or 0.2))
             if frame is None:
                 if self.source.finished:
                     log.info("source finished after %d frames", self.health.frames)
@@ -213,7 +234,63 @@ class Service:
 
     def _inspect(self, frame: Frame) -> None:
         t = time.perf_counter()
-        self._publish(self.inspector.inspect(frame), t)
+        inspection = self.inspector.inspect(frame)
+        self._publish(inspection, t)
+        _answer_trigger(frame, inspection)
+
+    @property
+    def state(self) -> str:
+        return "paused" if self._state == "serving" and self._paused.is_set() else self._state
+
+    def trigger(self, request: TriggerRequest) -> str | None:
+        """Queue a PLC trigger (any thread: MQTT, OPC UA); returns why it is refused, or None."""
+        if not isinstance(self.source, TriggerSource):
+            return f"the source is {self.cfg.source.kind}, not trigger"
+        if self._paused.is_set():
+            return "paused"
+        return self.source.request(request)
+
+    def _carry_out_commands(self) -> None:
+        while self.commands is not None:
+            try:
+                command = self.commands.pending.get_nowait()
+            except queue.Empty:
+                return
+            if command.name == "pause":
+                self._paused.set()
+                log.info("paused by command")
+                command.answer(True, state=self.state)
+            elif command.name == "resume":
+                self._paused.clear()
+                log.info("resumed by command")
+                command.answer(True, state=self.state)
+            elif command.name == "reload":
+                self._reload(command)
+
+    def _reload(self, command: Command) -> None:
+        """Switch to a verified bundle, or keep the one serving and say why."""
+        path = command.args.get("bundle", self.cfg.agent.model)
+        if not isinstance(path, str) and not isinstance(path, Path):
+            command.answer(False, "bundle: expected a path", model_id=self.inspector.model.id)
+            return
+        try:
+            bundle = load_bundle(Path(path))
+            backend, why = open_backend(bundle, self.cfg.runtime)
+            pipeline = Pipeline(bundle, backend, self.cfg.runtime)
+            _warm_up(pipeline, bundle, self.cfg, f"reload of {path}")
+            inspector = Inspector(bundle, pipeline)
+        except Exception as e:  # whatever is wrong with the new bundle, the old one serves on
+            log.error("reload of %s refused: %s; still serving %s", path, e, self.inspector.model.id)
+            command.answer(False, f"{type(e).__name__}: {e}", model_id=self.inspector.model.id,
+                           model_version=self.inspector.model.version)
+            return
+        old = self.inspector.model
+        self.bundle, self.inspector, self.backend_name = bundle, inspector, backend.name
+        self.publisher.identity.update(model_id=inspector.model.id, model_version=inspector.model.version)
+        log.info("reloaded: %s %s -> %s %s from %s (%s)", old.id, old.version, inspector.model.id,
+                 inspector.model.version, bundle.path, why)
+        command.answer(True, model_id=inspector.model.id, model_version=inspector.model.version,
+                       previous={"model_id": old.id, "model_version": old.version})
 
     def _publish(self, inspection: Inspection, started: float) -> None:
         for sink in self.sinks:
@@ -265,6 +342,7 @@ class Service:
             verdict = self.inspector.error_verdict(
                 frame, "not inspected: the agent was stopped before this frame could be scored")
             self._publish(Inspection(verdict), time.perf_counter())
+            _answer_trigger(frame, Inspection(verdict))
         self.unjudged += len(late)
         if late:
             log.warning("stopping: %d captured frame(s) not inspected in time (error verdicts sent): %s%s",
@@ -278,8 +356,14 @@ class Service:
         """Who serves what, and the state of the loop, the source and the sinks; any thread."""
         model = self.inspector.model
         return {"agent": self.cfg.agent.name, "model_id": model.id, "model_version": model.version,
-                "backend": self.backend_name, "state": self._state,
+                "backend": self.backend_name, "state": self.state,
                 "loop_age_s": time.monotonic() - self._loop_turned, "unjudged": self.unjudged,
                 "source": asdict(self.source.stats), "mqtt": asdict(self.publisher.stats),
                 "archive": None if self.archive is None else asdict(self.archive.stats)}
 
+
+
+def _answer_trigger(frame: Frame, inspection: Inspection) -> None:
+    reply = frame.meta.get("reply")
+    if reply is not None:
+        reply(inspection.verdict.to_dict())

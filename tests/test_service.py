@@ -91,7 +91,8 @@ def test_n_frames_give_n_valid_verdicts_and_images_on_their_own_tree(mosquitto, 
         assert (v["status"] == "ng") == (v["normalized_score"] >= 1.0) == bool(v["regions"])
         assert v["model"]["id"] == padim_bundle.manifest.model_id
         assert {"network", "head", "postprocess", "image"} <= set(v["timings_ms"])
-    assert all(m.topic.startswith(f"{PREFIX}/") and m.topic.rsplit("/", 1)[1] in ("verdict", "status", "health")
+    assert all(m.topic.startswith(f"{PREFIX}/") and m.topic.rsplit("/", 1)[1] in ("verdict", "status", "health",
+                                                                                  "last_result", "heartbeat")
                for m in sub.messages)  # JSON only
 
     by_id = {v["frame_id"]: v for v in verdicts}
