@@ -98,6 +98,7 @@ from pydantic import Field, model_validator
 
 from agent import overlay
 from agent.overlay import ImageFormat, ImageKind
+from agent.sparkplug import SparkplugSettings
 from agent.spool import Message, Spool, SpoolWriteError, check_spool_path
 from agent.verdict import Inspection
 from engines.settings import ConfigPath, SettingError, Settings
@@ -162,6 +163,8 @@ class MqttConfig(Settings):
     spool_max_messages: int = Field(100_000, ge=1, description="spool bound; when full, oldest images go "
                                                                "first, then oldest verdicts")
     spool_max_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="spool bound in bytes (512 MiB)")
+    sparkplug: SparkplugSettings = Field(default_factory=SparkplugSettings,
+                                         description="Sparkplug B edge node on the same broker (README: integration)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "MqttConfig":

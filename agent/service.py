@@ -57,6 +57,7 @@ from agent.mqtt import Publisher
 from agent.page import RecentFrames
 from agent.sources import FrameSource, SourceError, open_source
 from agent.sources.trigger import TriggerRequest, TriggerSource
+from agent.sparkplug import SparkplugNode, spool_path
 from agent.spool import Spool
 from agent.verdict import Inspection
 from engines.bundle import Bundle, BundleError, load_bundle
@@ -123,7 +124,17 @@ def build(cfg: Config, config_file: Path | None = None) -> "Service":
         spool.close()
         raise ConfigError(f"{where}: mqtt.{e}") from None
     archive = Archive(cfg.agent.archive, cfg.agent.image_max_side) if cfg.agent.archive.dir is not None else None
-    service = Service(cfg, bundle, backend.name, inspector, spool, publisher, source, archive)
+    sparkplug = None
+    if cfg.mqtt.sparkplug.enabled:
+        spb = cfg.mqtt.sparkplug
+        try:
+            spb_spool = Spool(spool_path(cfg.mqtt), spb.spool_max_messages, cfg.mqtt.spool_max_bytes)
+        except OSError as e:
+            spool.close()
+            raise ConfigError(f"{where}: mqtt.sparkplug.spool_path: {e}") from None
+        sparkplug = SparkplugNode(cfg.mqtt, spb_spool, spb.edge_node_id or cfg.agent.name,
+                                  spb.device_id or source.name, cfg.agent.name)
+    service = Service(cfg, bundle, backend.name, inspector, spool, publisher, source, archive, sparkplug)
     if isinstance(source, TriggerSource) or cfg.mqtt.commands:
         service.commands = Commands(publisher, cfg.mqtt.topic_prefix,
                                     service.trigger if isinstance(source, TriggerSource) else None,
@@ -160,14 +171,17 @@ class Service:
     publisher: Publisher
     source: FrameSource
     archive: Archive | None = None
+    sparkplug: SparkplugNode | None = None
     commands: Commands | None = None
 
     def __post_init__(self) -> None:
         self.health = Health()
         self.unjudged = 0   # frames captured but not inspected before the stop deadline
-        self.sinks: list[Publisher | Archive | RecentFrames] = [self.publisher]
+        self.sinks: list[Publisher | Archive | RecentFrames | SparkplugNode] = [self.publisher]
         if self.archive is not None:
             self.sinks.append(self.archive)
+        if self.sparkplug is not None:
+            self.sinks.append(self.sparkplug)
         self.http: HttpServer | None = None
         self._state = "starting"
         self._paused = threading.Event()
@@ -184,6 +198,8 @@ class Service:
         self.publisher.start()
         if self.archive is not None:
             self.archive.start()
+        if self.sparkplug is not None:
+            self.sparkplug.start()
         self.source.start()
         self._state = "serving"
         if self.http is not None:
@@ -320,6 +336,9 @@ class Service:
         final = self.health_report()
         self.publisher.publish_health(final)
         log.info("health: %s", json.dumps(final, separators=(",", ":")))
+        if self.sparkplug is not None:
+            # The JSON verdicts are the contract; the Sparkplug flush gets a third of what is left.
+            self.sparkplug.stop(max(0.3, (deadline - time.monotonic()) / 3))
         flushed = self.publisher.stop(max(0.5, deadline - time.monotonic()))
         self.spool.close()
         if self.http is not None:
@@ -359,7 +378,8 @@ class Service:
                 "backend": self.backend_name, "state": self.state,
                 "loop_age_s": time.monotonic() - self._loop_turned, "unjudged": self.unjudged,
                 "source": asdict(self.source.stats), "mqtt": asdict(self.publisher.stats),
-                "archive": None if self.archive is None else asdict(self.archive.stats)}
+                "archive": None if self.archive is None else asdict(self.archive.stats),
+                "sparkplug": None if self.sparkplug is None else asdict(self.sparkplug.stats)}
 
 
 

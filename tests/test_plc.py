@@ -59,7 +59,7 @@ def test_trigger_with_part_id_gives_one_verdict_carrying_it_and_commands_are_ans
         mosquitto, subscribers, padim_bundle, sample_data: Path, tmp_path: Path) -> None:  # noqa: F811
     images = tmp_path / "images"
     images.mkdir()
-    shutil.copy(sorted((sample_data / "test" / "good").iterdir())[0], images / "part.png")
+    shutil.copy(min((sample_data / "test" / "good").iterdir()), images / "part.png")
     sub = subscribers(mosquitto, prefix=PREFIX)
     source = {"kind": "trigger", "image_root": str(images),
               "capture": {"kind": "synthetic", "mode": "free", "count": 0, "fps": 20, "size": [160, 192]}}
@@ -123,7 +123,7 @@ def test_mqtt_311_trigger_is_answered_on_the_response_topic_with_its_correlation
         mosquitto, subscribers, padim_bundle, sample_data: Path, tmp_path: Path) -> None:  # noqa: F811
     images = tmp_path / "images"
     images.mkdir()
-    shutil.copy(sorted((sample_data / "test" / "good").iterdir())[0], images / "part.png")
+    shutil.copy(min((sample_data / "test" / "good").iterdir()), images / "part.png")
     sub = subscribers(mosquitto, prefix=PREFIX)
     proc = start_agent(write_config(tmp_path, mosquitto, padim_bundle.path,
                                     {"kind": "trigger", "image_root": str(images)}, {"protocol": "3.1.1"}))
