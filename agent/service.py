@@ -54,6 +54,7 @@ from agent.health import Health
 from agent.http import HttpServer
 from agent.inspector import Inspector
 from agent.mqtt import Publisher
+from agent.opcua import OpcuaServer
 from agent.page import RecentFrames
 from agent.sources import FrameSource, SourceError, open_source
 from agent.sources.trigger import TriggerRequest, TriggerSource
@@ -146,6 +147,13 @@ def build(cfg: Config, config_file: Path | None = None) -> "Service":
             spool.close()
             raise ConfigError(f"{where}: agent.http.listen: cannot listen on {cfg.agent.http.listen}: "
                               f"{e.strerror or e}") from None
+    if cfg.opcua.enabled:
+        try:
+            service.open_opcua()
+        except OSError as e:
+            spool.close()
+            raise ConfigError(f"{where}: opcua.endpoint: cannot serve on {cfg.opcua.endpoint}: "
+                              f"{e.strerror or e}") from None
     return service
 
 
@@ -177,12 +185,13 @@ class Service:
     def __post_init__(self) -> None:
         self.health = Health()
         self.unjudged = 0   # frames captured but not inspected before the stop deadline
-        self.sinks: list[Publisher | Archive | RecentFrames | SparkplugNode] = [self.publisher]
+        self.sinks: list[Publisher | Archive | RecentFrames | SparkplugNode | OpcuaServer] = [self.publisher]
         if self.archive is not None:
             self.sinks.append(self.archive)
         if self.sparkplug is not None:
             self.sinks.append(self.sparkplug)
         self.http: HttpServer | None = None
+        self.opcua: OpcuaServer | None = None
         self._state = "starting"
         self._paused = threading.Event()
         self._loop_turned = time.monotonic()  # for /healthz: the inspection loop is alive
@@ -192,6 +201,13 @@ class Service:
         recent = RecentFrames(self.cfg.agent.http.recent, self.cfg.agent.image_max_side)
         self.http = HttpServer(self.cfg.agent.http, self.health, recent, self.status)
         self.sinks.append(recent)
+
+    def open_opcua(self) -> None:
+        """Start the OPC UA server (its certificate made if needed); OSError when it cannot serve."""
+        server = OpcuaServer(self.cfg.opcua, self.cfg.agent.name, self.status, self.trigger)
+        server.start()
+        self.opcua = server
+        self.sinks.append(server)
 
     def serve(self, stop: threading.Event, max_frames: int = 0) -> int:
         """READY, the inference loop, then a clean stop; returns the exit status."""
@@ -343,6 +359,8 @@ class Service:
         self.spool.close()
         if self.http is not None:
             self.http.stop()
+        if self.opcua is not None:
+            self.opcua.stop()
         log.info("stopped after %d frames (%d ok, %d ng, %d error, %d not inspected); spool %s",
                  self.health.frames, self.health.ok, self.health.ng, self.health.errors, self.unjudged,
                  "empty" if flushed else "kept for next start")
