@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import importlib.util
 import logging
 import math
 import os
@@ -102,6 +103,8 @@ def check_files(cfg: OpcuaSettings) -> None:
     """The password's source and a certificate folder that exists or can be made."""
     if not cfg.enabled:
         return
+    if importlib.util.find_spec("asyncua") is None:
+        raise SettingError("enabled", "the OPC UA server needs asyncua: pip install 'inspection-agent[opcua]'")
     read_password(cfg)
     folder = Path(cfg.certificate_dir)
     if folder.exists() and not folder.is_dir():
