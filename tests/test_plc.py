@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
 import uuid
 from pathlib import Path
 from typing import Any
@@ -14,8 +15,8 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from mqtt_client import subscribers, wait_until  # noqa: F401  (fixture)
-from test_service import PREFIX, SCHEMA, finish, start_agent, write_config
+from mqtt_client import WAIT_S, subscribers, wait_until  # noqa: F401  (fixture)
+from test_service import PREFIX, REPO, SCHEMA, finish, start_agent, write_config
 
 REPLIES = "plc/station1/replies"
 
@@ -23,15 +24,19 @@ REPLIES = "plc/station1/replies"
 class Plc:
     """An MQTT 5 client that sends commands with a response topic and correlation data."""
 
-    def __init__(self, broker: Any) -> None:
+    def __init__(self, broker: Any, username: str | None = None, password: str | None = None,
+                 replies: str = REPLIES) -> None:
         self.replies: dict[bytes, dict] = {}
+        self.reply_topic = replies
         self.client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="plc", protocol=mqtt.MQTTv5)
+        if username is not None:
+            self.client.username_pw_set(username, password)
         self.client.on_message = self._on_message
         subscribed: list[bool] = []
         self.client.on_subscribe = lambda *a: subscribed.append(True)
         self.client.connect(broker.host, broker.port)
         self.client.loop_start()
-        self.client.subscribe(REPLIES, qos=1)
+        self.client.subscribe(replies, qos=1)
         wait_until(lambda: subscribed, "the PLC's subscription")
 
     def _on_message(self, client: mqtt.Client, userdata: Any, msg: mqtt.MQTTMessage) -> None:
@@ -40,7 +45,7 @@ class Plc:
     def send(self, command: str, body: Any) -> bytes:
         correlation = uuid.uuid4().bytes
         props = Properties(PacketTypes.PUBLISH)
-        props.ResponseTopic = REPLIES
+        props.ResponseTopic = self.reply_topic
         props.CorrelationData = correlation
         self.client.publish(f"{PREFIX}/cmd/{command}", json.dumps(body), qos=1, properties=props)
         return correlation
@@ -145,3 +150,45 @@ def test_mqtt_311_trigger_is_answered_on_the_response_topic_with_its_correlation
         plc.loop_stop()
         proc.terminate()
     finish(proc)
+
+
+def test_the_documented_acl_lets_the_plc_command_and_refuses_a_reader(
+        mosquitto_factory, subscribers, padim_bundle, sample_data: Path, tmp_path: Path) -> None:  # noqa: F811
+    """docs/mosquitto.acl as shipped (station plant/line7, Sparkplug node line7-cam1): the agent
+    serves, the PLC's trigger is answered on its reply tree, a read-only user's trigger is refused."""
+    passwords = tmp_path / "passwords"
+    for user in ("agent-line7", "plc-line7", "dashboard"):
+        subprocess.run(["mosquitto_passwd", "-b", *(["-c"] if user == "agent-line7" else []), str(passwords), user,
+                        f"pw-{user}"], check=True, capture_output=True)
+    broker = mosquitto_factory(f"allow_anonymous false\npassword_file {passwords}\n"
+                               f"acl_file {REPO / 'docs' / 'mosquitto.acl'}\n")
+    images = tmp_path / "images"
+    images.mkdir()
+    shutil.copy(min((sample_data / "test" / "good").iterdir()), images / "part.png")
+    dashboard = subscribers(broker, prefix=PREFIX, username="dashboard", password="pw-dashboard")
+    proc = start_agent(write_config(
+        tmp_path, broker, padim_bundle.path, {"kind": "trigger", "image_root": str(images)},
+        {"commands": True, "username": "agent-line7", "password_env": "AGENT_PASSWORD",
+         "sparkplug": {"enabled": True, "group_id": "inspection", "edge_node_id": "line7-cam1"}}),
+        env={"AGENT_PASSWORD": "pw-agent-line7"})
+    plc = Plc(broker, username="plc-line7", password="pw-plc-line7", replies="plc/line7/replies/plc1")
+    try:
+        dashboard.wait_for(lambda: any(json.loads(m.payload)["state"] == "online"
+                                       for m in dashboard.on(f"{PREFIX}/status")), "the agent online")
+        answer = plc.ask("trigger", {"part_id": "ACL-1", "image_path": "part.png"})
+        assert answer["ok"] and answer["verdict"]["part_id"] == "ACL-1"
+        dashboard.wait_for(lambda: dashboard.on(f"{PREFIX}/last_result"), "last_result for a reader")
+
+        props = Properties(PacketTypes.PUBLISH)
+        props.ResponseTopic = f"{PREFIX}/response/dashboard"
+        info = dashboard.client.publish(f"{PREFIX}/cmd/pause", "{}", qos=1, properties=props)
+        info.wait_for_publish(WAIT_S)
+        assert plc.ask("trigger", {"part_id": "ACL-2", "image_path": "part.png"})["ok"]  # not paused
+        assert [json.loads(m.payload)["part_id"] for m in dashboard.on(f"{PREFIX}/verdict")] == ["ACL-1", "ACL-2"]
+        assert not dashboard.on(f"{PREFIX}/response/dashboard")
+    finally:
+        plc.close()
+        proc.terminate()
+    finish(proc)
+    denied = [line for line in (broker.workdir / "mosquitto.log").read_text().splitlines() if "Denied" in line]
+    assert len(denied) == 1 and "'plant/line7/cmd/pause'" in denied[0], denied  # the agent was denied nothing
