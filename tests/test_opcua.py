@@ -107,3 +107,17 @@ def test_client_calls_trigger_and_reads_the_last_verdict_and_is_refused_without_
     assert "BadUserAccessDenied" in seen["refused plc"], seen["refused plc"]
     key = tmp_path / "pki" / "key.pem"
     assert (tmp_path / "pki" / "cert.der").is_file() and key.stat().st_mode & 0o777 == 0o600
+
+
+def test_settings_refuse_a_server_nobody_or_everybody_could_use_unsaid() -> None:
+    from pydantic import ValidationError
+
+    from agent.opcua import OpcuaSettings
+
+    with pytest.raises(ValidationError, match="a user is needed while allow_anonymous is false"):
+        OpcuaSettings(enabled=True)
+    with pytest.raises(ValidationError, match="give the user's password"):
+        OpcuaSettings(enabled=True, username="plc")
+    with pytest.raises(ValidationError, match="opc.tcp://HOST:PORT/PATH"):
+        OpcuaSettings(endpoint="http://localhost:4840/")
+    assert OpcuaSettings(enabled=True, allow_anonymous=True).security == ["Basic256Sha256_SignAndEncrypt"]

@@ -46,6 +46,8 @@ class TriggerSettings(SourceSettings):
 
     @model_validator(mode="after")
     def _capture(self) -> "TriggerSettings":
+        if self.mode != "triggered":
+            raise SettingError("mode", "a trigger source is triggered: every trigger gives one verdict")
         if self.capture is not None and self.capture.kind == "trigger":
             raise SettingError("capture.kind", "a trigger cannot capture from another trigger")
         return self
