@@ -40,6 +40,7 @@ from __future__ import annotations
 import collections
 import json
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -94,7 +95,8 @@ class SparkplugSettings(Settings):
     device_id: str = Field("", description='the camera\'s device id; "" = the source\'s name')
     primary_host_id: str | None = Field(None, description="Sparkplug 3.0 primary host application id: be born only "
                                                           "while its STATE is online; null = always")
-    client_id: str = Field("", description='"" = <mqtt client id>-spb; unique per broker')
+    client_id: str = Field("", description='"" = <mqtt client id>-spb (as mqtt.client_id defaults: '
+                                           'inspection-agent-<hostname>-spb); unique per broker')
     spool_path: ConfigPath | None = Field(None, description="DDATA store-and-forward spool; null = beside "
                                                             "mqtt.spool_path (<name>.sparkplug.sqlite)")
     spool_max_messages: int = Field(100_000, ge=1, description="spool bound; when full, oldest DDATA go first")
@@ -142,7 +144,7 @@ class SparkplugNode:
         self.topic_dbirth = f"{NAMESPACE}/{group}/DBIRTH/{node_id}/{device_id}"
         self.topic_ddata = f"{NAMESPACE}/{group}/DDATA/{node_id}/{device_id}"
         self.topic_state = None if self.spb.primary_host_id is None else f"{NAMESPACE}/STATE/{self.spb.primary_host_id}"
-        self.client_id = self.spb.client_id or f"{cfg.client_id or 'inspection-agent'}-spb"
+        self.client_id = self.spb.client_id or f"{cfg.client_id or f'inspection-agent-{socket.gethostname()}'}-spb"
         self._password = read_password(cfg)
 
         self._lock = threading.Lock()  # the current values: the inspection thread writes, the sender reads
