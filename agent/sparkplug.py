@@ -15,7 +15,7 @@ name, device ``D`` = ``device_id`` or the source's name):
 ``spBv1.0/G/NDEATH/N``
     The Last Will (QoS 1), carrying the ``bdSeq`` of the NBIRTH it ends: the broker publishes it
     when the agent dies or its link drops; a clean stop publishes it before disconnecting.
-    ``bdSeq`` goes up by one on each new connection.
+    ``bdSeq`` goes up by one on each new connection, across restarts too (``<spool_path>.bdseq``).
 ``spBv1.0/G/NCMD/N`` (inbound)
     ``Node Control/Rebirth`` = true: NBIRTH and DBIRTH again (seq from 0).
 ``spBv1.0/STATE/<primary_host_id>`` (inbound, Sparkplug 3.0)
@@ -153,7 +153,8 @@ class SparkplugNode:
         self._current.update(self._counts)
         self._recent: collections.deque[float] = collections.deque()  # monotonic times of recent verdicts
 
-        self._bdseq = 0
+        self._bdseq_file = Path(f"{spool.path}.bdseq")
+        self._bdseq = self._next_bdseq()
         self._seq = 0
         self._connected = threading.Event()
         self._born = False
@@ -275,7 +276,7 @@ class SparkplugNode:
         self._born = False
         if was_connected:
             # The next CONNECT carries a new death certificate: bdSeq counts connections.
-            self._bdseq = (self._bdseq + 1) % 256
+            self._bdseq = self._next_bdseq()
             client.will_set(self.topic_ndeath, self._death(), qos=1, retain=False)
             if not self._stopping.is_set():
                 log.warning("Sparkplug: connection lost (%s); DDATA spooled to %s", reason, self.spool.path)
@@ -401,6 +402,20 @@ class SparkplugNode:
         self._client.loop_stop()  # on_disconnect has run: a new bdSeq is in the will
         self._client.connect_async(self.cfg.host, self.cfg.port, keepalive=self.cfg.keepalive)
         self._client.loop_start()
+
+    def _next_bdseq(self) -> int:
+        """The last bdSeq used (kept beside the spool, across restarts) + 1: a late NDEATH of an earlier
+        process, sent when the broker notices the dead link, never matches the new NBIRTH."""
+        try:
+            last = int(self._bdseq_file.read_text())
+        except (OSError, ValueError):
+            last = -1
+        bdseq = (last + 1) % 256
+        try:
+            self._bdseq_file.write_text(str(bdseq))
+        except OSError as e:  # worth a warning, not an outage: the count then restarts at the next start
+            log.warning("Sparkplug: cannot keep bdSeq in %s: %s", self._bdseq_file, e.strerror or e)
+        return bdseq
 
     def _next_seq(self) -> int:
         seq = self._seq

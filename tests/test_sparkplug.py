@@ -145,6 +145,16 @@ def test_host_sees_births_decodes_every_ddata_rebirths_and_sees_ndeath_after_sig
             assert int(after["payload"]["seq"]) == (int(before["payload"]["seq"]) + 1) % 256
     wire.close()
 
+    # Restarted, the node's bdSeq goes on from the killed one's: its late NDEATH can never match.
+    proc = start_agent(config(tmp_path, mosquitto, padim_bundle))
+    try:
+        wait_until(lambda: len(host.messages("NBIRTH")) == 3, "the NBIRTH after the restart")
+        assert metrics(host.messages("NBIRTH")[2])["bdSeq"] == (born["bdSeq"] + 1) % 256
+    finally:
+        proc.terminate()
+    _, err = proc.communicate(timeout=WAIT_S)
+    assert proc.returncode == 0, err[-3000:]
+
 
 def test_state_of_the_primary_host_gates_birth_and_spooled_ddata_replay_as_historical(
         mosquitto, subscribers, padim_bundle, tmp_path: Path) -> None:  # noqa: F811
