@@ -140,11 +140,13 @@ def test_mqtt_311_trigger_is_answered_on_the_response_topic_with_its_correlation
                      "the agent online")
         # The agent subscribes before it publishes "online" on the same connection: the broker has
         # the subscription once "online" is seen.
+        plc.publish(f"{PREFIX}/cmd/pause", "{}", qos=1)  # mqtt.commands is off: not listened to
         plc.publish(f"{PREFIX}/cmd/trigger", json.dumps({"part_id": "P1", "image_path": "part.png",
                                                          "correlation_id": 17}), qos=1)
         sub.wait_for(lambda: sub.on(f"{PREFIX}/response/trigger"), "the answer on <prefix>/response/trigger")
         answer = json.loads(sub.on(f"{PREFIX}/response/trigger")[0].payload)
-        assert answer["correlation_id"] == 17 and answer["verdict"]["part_id"] == "P1"
+        assert answer["correlation_id"] == 17 and answer["verdict"]["part_id"] == "P1"  # not paused
+        assert not sub.on(f"{PREFIX}/response/pause")
     finally:
         plc.disconnect()
         plc.loop_stop()
