@@ -22,6 +22,7 @@ from agent import overlay
 from agent.archive import ArchiveSettings
 from agent.http import HttpSettings
 from agent.mqtt import MqttConfig
+from agent.opcua import OpcuaSettings
 from agent.sources import SOURCES, SourceSettings
 from calibration.settings import ModelConfig
 from engines.runtimes import RuntimeSettings
@@ -56,6 +57,8 @@ class Config(Settings):
         description="where frames come from (inspection-agent run): kind: and that kind's own keys")
     mqtt: MqttConfig = Field(default_factory=MqttConfig, description="delivery to PLC/SCADA (topics: see README)")
     agent: AgentConfig = Field(default_factory=AgentConfig, description="the service")
+    opcua: OpcuaSettings = Field(default_factory=OpcuaSettings,
+                                 description="OPC UA server: the station's last verdict, counts, health, Trigger")
 
 
 def load_config(path: Path | None) -> Config:
@@ -88,7 +91,8 @@ def preflight(cfg: Config, file: Path | None, *, serving: bool = False) -> None:
     where = str(file) if file is not None else "built-in defaults"
     lines = _key_lines(Path(file).read_text()) if file is not None and Path(file).is_file() else {}
     checks: list[tuple[str, Any]] = [("model", _model_files), ("mqtt", _mqtt_files), ("source", _source_files),
-                                     ("runtime", _runtime_device), ("agent", _agent_archive)]
+                                     ("runtime", _runtime_device), ("agent", _agent_archive),
+                                     ("opcua", _opcua_files)]
     if serving:
         checks.append(("agent", _agent_bundle))
     for section, check in checks:
@@ -143,6 +147,12 @@ def _runtime_device(runtime: RuntimeSettings, serving: bool) -> None:
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if index >= count:
         raise SettingError("device", f"{runtime.device} requested, but torch sees {count} CUDA device(s)")
+
+
+def _opcua_files(opcua: OpcuaSettings, serving: bool) -> None:
+    from agent.opcua import check_files
+
+    check_files(opcua)
 
 
 def _agent_archive(agent: AgentConfig, serving: bool) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import numpy as np
 
@@ -46,10 +47,18 @@ class Inspector:
         verdict = Verdict(frame_id=frame.id, seq=frame.seq, source=frame.source, timestamp=frame.t,
                           status=judged.status, model=self.model, image_score=judged.image_score,
                           threshold=self.decision.image_threshold, normalized_score=judged.normalized_score,
-                          pixel_threshold=self.decision.pixel_threshold, regions=judged.regions, timings_ms=timings)
+                          pixel_threshold=self.decision.pixel_threshold, regions=judged.regions, timings_ms=timings,
+                          **_part(frame))
         return Inspection(verdict, frame.image, fs.map)
 
     def error_verdict(self, frame: Frame, why: str) -> Verdict:
         """The verdict of a frame that could not be judged, naming why."""
         return Verdict(frame_id=frame.id, seq=frame.seq, source=frame.source, timestamp=frame.t, status="error",
-                       model=self.model, error=why)
+                       model=self.model, error=why, **_part(frame))
+
+
+def _part(frame: Frame) -> dict[str, Any]:
+    """The part a trigger named (agent/sources/trigger.py), echoed in its verdict."""
+    if "part_id" not in frame.meta:
+        return {}
+    return {"part_id": frame.meta["part_id"], "part_meta": frame.meta.get("part_meta") or {}}

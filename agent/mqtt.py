@@ -13,6 +13,18 @@ JSON topics, under ``prefix = mqtt.topic_prefix`` (e.g. ``inspection/line1``):
     broker publishes when the agent dies or its connection drops, is the "offline" message with
     reason "connection lost" and no timestamp: its content is fixed when the agent connects,
     long before the broker sends it.
+``{prefix}/last_result``
+    Retained: the latest verdict's JSON (``mqtt.last_result``), so a PLC or HMI that connects
+    sees the station's last result at once; spooled in the verdict's transaction (a newer one
+    replaces an unsent older one), QoS ``mqtt.qos``.
+``{prefix}/heartbeat``
+    ``{"seq": n, "state": "serving" | "paused" | ..., "timestamp": ...}`` every ``mqtt.heartbeat_s``
+    from the inspection loop (so it stops when the loop hangs), QoS 0, not retained: a PLC
+    watchdog checks that ``seq`` keeps changing.
+``{prefix}/cmd/<name>`` (inbound) and responses
+    See agent/commands.py: the trigger, reload, pause and resume commands; each is answered on
+    the request's MQTT 5 response topic with its correlation data (else on
+    ``{prefix}/response/<name>``).
 ``{prefix}/health``
     Periodic JSON from the health module (every ``mqtt.health_interval_s``); QoS 0, retained
     (a dashboard that subscribes sees the latest at once), not spooled: a missed health message
@@ -74,6 +86,7 @@ import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any, Literal
 
 import paho.mqtt.client as mqtt
@@ -85,6 +98,7 @@ from pydantic import Field, model_validator
 
 from agent import overlay
 from agent.overlay import ImageFormat, ImageKind
+from agent.sparkplug import SparkplugSettings
 from agent.spool import Message, Spool, SpoolWriteError, check_spool_path
 from agent.verdict import Inspection
 from engines.settings import ConfigPath, SettingError, Settings
@@ -137,6 +151,11 @@ class MqttConfig(Settings):
                                                        "images/<topic_prefix>")
     image_format: ImageFormat = Field("png", description="png | jpeg")
     health_interval_s: float = Field(10.0, gt=0.0, description="period of <prefix>/health")
+    last_result: bool = Field(True, description="publish each verdict also, retained, on <prefix>/last_result")
+    heartbeat_s: float = Field(1.0, ge=0.0, description="period of <prefix>/heartbeat (QoS 0); 0 = none")
+    commands: bool = Field(False, description="accept reload, pause and resume on <prefix>/cmd/<name> (a "
+                                              "trigger source always listens on <prefix>/cmd/trigger); "
+                                              "restrict who may publish there with the broker's ACL")
     reconnect_min_s: float = Field(1.0, gt=0.0, description="broker reconnect backoff, doubling ...")
     reconnect_max_s: float = Field(30.0, gt=0.0, description="... up to this")
     spool_path: ConfigPath = Field(Path("/var/lib/inspection-agent/spool.sqlite"),
@@ -144,6 +163,8 @@ class MqttConfig(Settings):
     spool_max_messages: int = Field(100_000, ge=1, description="spool bound; when full, oldest images go "
                                                                "first, then oldest verdicts")
     spool_max_bytes: int = Field(512 * 1024 * 1024, ge=1024, description="spool bound in bytes (512 MiB)")
+    sparkplug: SparkplugSettings = Field(default_factory=SparkplugSettings,
+                                         description="Sparkplug B edge node on the same broker (README: integration)")
 
     @model_validator(mode="after")
     def _consistent(self) -> "MqttConfig":
@@ -273,6 +294,10 @@ class Publisher:
         self._topic_verdict = f"{cfg.topic_prefix}/verdict"
         self._topic_status = f"{cfg.topic_prefix}/status"
         self._topic_health = f"{cfg.topic_prefix}/health"
+        self._topic_last_result = f"{cfg.topic_prefix}/last_result"
+        self._topic_heartbeat = f"{cfg.topic_prefix}/heartbeat"
+        self._heartbeats = 0
+        self._handlers: dict[str, Callable[[mqtt.MQTTMessage], None]] = {}  # inbound topic -> handler
         self._client = self._make_client(read_password(cfg))
 
         self._connected = threading.Event()    # set once the broker acknowledged "online"
@@ -314,7 +339,10 @@ class Publisher:
         written, they are published directly (connected) or counted as lost (not connected)."""
         images = self._images(inspection)  # first: their time goes into the verdict's timings
         verdict = inspection.verdict
-        messages = [Message(self._topic_verdict, verdict.to_json().encode(), self.cfg.qos, kind="verdict"), *images]
+        body = verdict.to_json().encode()
+        messages = [Message(self._topic_verdict, body, self.cfg.qos, kind="verdict"), *images]
+        if self.cfg.last_result:
+            messages.append(Message(self._topic_last_result, body, self.cfg.qos, retain=True, kind="last_result"))
         try:
             self.spool.put_many(messages)
         except SpoolWriteError as e:
@@ -330,6 +358,30 @@ class Publisher:
         info = self._client.publish(self._topic_health, json.dumps(payload, separators=(",", ":")),
                                     qos=0, retain=True, properties=self._json_properties())
         return info.rc == mqtt.MQTT_ERR_SUCCESS
+
+    def publish_heartbeat(self, state: str) -> bool:
+        """One heartbeat if connected (QoS 0, not retained, not spooled); True when handed over."""
+        if not self._connected.is_set():
+            return False
+        self._heartbeats += 1
+        payload = {"seq": self._heartbeats, "state": state, "timestamp": round(time.time(), 3)}
+        info = self._client.publish(self._topic_heartbeat, json.dumps(payload, separators=(",", ":")), qos=0,
+                                    properties=self._json_properties())
+        return info.rc == mqtt.MQTT_ERR_SUCCESS
+
+    def subscribe(self, topic: str, handler: Callable[[mqtt.MQTTMessage], None]) -> None:
+        """Call ``handler`` (on the network thread; it must not block) for each message on ``topic``;
+        subscribed (QoS 1) on every connect. Before ``start``."""
+        self._handlers[topic] = handler
+
+    def respond(self, topic: str, payload: dict[str, Any], correlation: bytes | None = None) -> bool:
+        """Answer a command (QoS 1, not retained, not spooled: a requester that is gone needs no answer);
+        True when handed to paho."""
+        props = self._json_properties()
+        if props is not None and correlation is not None:
+            props.CorrelationData = correlation
+        info = self._client.publish(topic, json.dumps(payload, separators=(",", ":")), qos=1, properties=props)
+        return info.rc in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_NO_CONN)
 
     def stop(self, timeout_s: float = 5.0) -> bool:
         """Flush the spool for up to ``timeout_s``, publish "offline", disconnect.
@@ -470,6 +522,7 @@ class Publisher:
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
         client.on_publish = self._on_publish
+        client.on_message = self._on_message
         return client
 
     def _on_connect(self, client: mqtt.Client, userdata: Any, flags: Any, reason: ReasonCode,
@@ -478,6 +531,8 @@ class Publisher:
             self._refused(str(reason))
             return
         self._set_state("connecting", None)  # accepted; "connected" once "online" is acknowledged
+        if self._handlers:
+            client.subscribe([(topic, 1) for topic in self._handlers])
         # Spooled sending starts on this message's PUBACK: by then paho has queued its
         # re-sends of the previous connection's in-flight window, which keeps spool order.
         info = client.publish(self._topic_status, self._online_payload(), qos=1, retain=True)
@@ -547,6 +602,15 @@ class Publisher:
         else:
             self._acks.put((mid, reason))
         self._wake.set()
+
+    def _on_message(self, client: mqtt.Client, userdata: Any, message: mqtt.MQTTMessage) -> None:
+        handler = self._handlers.get(message.topic)
+        if handler is None:
+            return
+        try:
+            handler(message)
+        except Exception:  # a bad command must not take the network thread down
+            log.exception("MQTT: handling a message on %s failed", message.topic)
 
     # -- sender thread ---------------------------------------------------------------
 
@@ -639,7 +703,7 @@ class Publisher:
     def _item_properties(self, message: Message) -> Properties | None:
         if not self._v5:
             return None
-        if message.kind == "verdict":
+        if message.kind in ("verdict", "last_result"):
             return self._json_properties()
         props = Properties(PacketTypes.PUBLISH)
         props.ContentType = _image_type(message.payload)

@@ -23,6 +23,11 @@ gets an ``error`` verdict saying it was not inspected (counted as ``unjudged`` i
 every frame that entered has exactly one verdict; the broker gets what it takes before the
 deadline and the rest stays in the spool for the next start. SIGHUP is logged and ignored:
 the configuration is read at start, so a change takes a restart.
+
+Commands (agent/commands.py): a trigger goes to the trigger source (refused while paused);
+reload, pause and resume are carried out by the inspection loop between frames, so a reload
+never swaps the model under a frame being scored. A reload verifies the new bundle (load,
+hashes, backend, one warm-up frame) before switching; on failure the old one keeps serving.
 """
 from __future__ import annotations
 
@@ -30,6 +35,7 @@ import argparse
 import json
 import logging
 import os
+import queue
 import signal
 import threading
 import time
@@ -41,14 +47,18 @@ import numpy as np
 
 from agent import exit_codes, notify
 from agent.archive import Archive
+from agent.commands import Command, Commands
 from agent.config import Config, ConfigError, preflight
 from agent.frames import Frame
 from agent.health import Health
 from agent.http import HttpServer
 from agent.inspector import Inspector
 from agent.mqtt import Publisher
+from agent.opcua import OpcuaServer
 from agent.page import RecentFrames
 from agent.sources import FrameSource, SourceError, open_source
+from agent.sources.trigger import TriggerRequest, TriggerSource
+from agent.sparkplug import SparkplugNode, spool_path
 from agent.spool import Spool
 from agent.verdict import Inspection
 from engines.bundle import Bundle, BundleError, load_bundle
@@ -115,13 +125,34 @@ def build(cfg: Config, config_file: Path | None = None) -> "Service":
         spool.close()
         raise ConfigError(f"{where}: mqtt.{e}") from None
     archive = Archive(cfg.agent.archive, cfg.agent.image_max_side) if cfg.agent.archive.dir is not None else None
-    service = Service(cfg, bundle, backend.name, inspector, spool, publisher, source, archive)
+    sparkplug = None
+    if cfg.mqtt.sparkplug.enabled:
+        spb = cfg.mqtt.sparkplug
+        try:
+            spb_spool = Spool(spool_path(cfg.mqtt), spb.spool_max_messages, cfg.mqtt.spool_max_bytes)
+        except OSError as e:
+            spool.close()
+            raise ConfigError(f"{where}: mqtt.sparkplug.spool_path: {e}") from None
+        sparkplug = SparkplugNode(cfg.mqtt, spb_spool, spb.edge_node_id or cfg.agent.name,
+                                  spb.device_id or source.name, cfg.agent.name)
+    service = Service(cfg, bundle, backend.name, inspector, spool, publisher, source, archive, sparkplug)
+    if isinstance(source, TriggerSource) or cfg.mqtt.commands:
+        service.commands = Commands(publisher, cfg.mqtt.topic_prefix,
+                                    service.trigger if isinstance(source, TriggerSource) else None,
+                                    cfg.mqtt.commands)
     if cfg.agent.http.listen is not None:
         try:
             service.open_http()
         except OSError as e:
             spool.close()
             raise ConfigError(f"{where}: agent.http.listen: cannot listen on {cfg.agent.http.listen}: "
+                              f"{e.strerror or e}") from None
+    if cfg.opcua.enabled:
+        try:
+            service.open_opcua()
+        except OSError as e:
+            spool.close()
+            raise ConfigError(f"{where}: opcua.endpoint: cannot serve on {cfg.opcua.endpoint}: "
                               f"{e.strerror or e}") from None
     return service
 
@@ -148,15 +179,21 @@ class Service:
     publisher: Publisher
     source: FrameSource
     archive: Archive | None = None
+    sparkplug: SparkplugNode | None = None
+    commands: Commands | None = None
 
     def __post_init__(self) -> None:
         self.health = Health()
         self.unjudged = 0   # frames captured but not inspected before the stop deadline
-        self.sinks: list[Publisher | Archive | RecentFrames] = [self.publisher]
+        self.sinks: list[Publisher | Archive | RecentFrames | SparkplugNode | OpcuaServer] = [self.publisher]
         if self.archive is not None:
             self.sinks.append(self.archive)
+        if self.sparkplug is not None:
+            self.sinks.append(self.sparkplug)
         self.http: HttpServer | None = None
+        self.opcua: OpcuaServer | None = None
         self._state = "starting"
+        self._paused = threading.Event()
         self._loop_turned = time.monotonic()  # for /healthz: the inspection loop is alive
 
     def open_http(self) -> None:
@@ -165,11 +202,20 @@ class Service:
         self.http = HttpServer(self.cfg.agent.http, self.health, recent, self.status)
         self.sinks.append(recent)
 
+    def open_opcua(self) -> None:
+        """Start the OPC UA server (its certificate made if needed); OSError when it cannot serve."""
+        server = OpcuaServer(self.cfg.opcua, self.cfg.agent.name, self.status, self.trigger)
+        server.start()
+        self.opcua = server
+        self.sinks.append(server)
+
     def serve(self, stop: threading.Event, max_frames: int = 0) -> int:
         """READY, the inference loop, then a clean stop; returns the exit status."""
         self.publisher.start()
         if self.archive is not None:
             self.archive.start()
+        if self.sparkplug is not None:
+            self.sparkplug.start()
         self.source.start()
         self._state = "serving"
         if self.http is not None:
@@ -191,7 +237,7 @@ class Service:
     def _loop(self, stop: threading.Event, max_frames: int) -> str:
         """Frames until a deliberate end; returns why it ended: signal, max_frames or source."""
         watchdog_every = notify.watchdog_interval_s() or 5.0
-        last_ping = last_health = time.monotonic()
+        last_ping = last_health = last_beat = time.monotonic()
         while not stop.is_set():
             now = self._loop_turned = time.monotonic()
             if now - last_ping >= watchdog_every:
@@ -200,7 +246,14 @@ class Service:
             if now - last_health >= self.cfg.mqtt.health_interval_s:
                 self.publisher.publish_health(self.health_report())
                 last_health = now
-            frame = self.source.get(timeout=0.2)
+            if self.cfg.mqtt.heartbeat_s and now - last_beat >= self.cfg.mqtt.heartbeat_s:
+                self.publisher.publish_heartbeat(self.state)
+                last_beat = now
+            self._carry_out_commands()
+            if self._paused.is_set():
+                stop.wait(min(0.2, self.cfg.mqtt.heartbeat_s or 0.2))
+                continue
+            frame = self.source.get(timeout=min(0.2, self.cfg.mqtt.heartbeat_s or 0.2))
             if frame is None:
                 if self.source.finished:
                     log.info("source finished after %d frames", self.health.frames)
@@ -213,7 +266,63 @@ class Service:
 
     def _inspect(self, frame: Frame) -> None:
         t = time.perf_counter()
-        self._publish(self.inspector.inspect(frame), t)
+        inspection = self.inspector.inspect(frame)
+        self._publish(inspection, t)
+        _answer_trigger(frame, inspection)
+
+    @property
+    def state(self) -> str:
+        return "paused" if self._state == "serving" and self._paused.is_set() else self._state
+
+    def trigger(self, request: TriggerRequest) -> str | None:
+        """Queue a PLC trigger (any thread: MQTT, OPC UA); returns why it is refused, or None."""
+        if not isinstance(self.source, TriggerSource):
+            return f"the source is {self.cfg.source.kind}, not trigger"
+        if self._paused.is_set():
+            return "paused"
+        return self.source.request(request)
+
+    def _carry_out_commands(self) -> None:
+        while self.commands is not None:
+            try:
+                command = self.commands.pending.get_nowait()
+            except queue.Empty:
+                return
+            if command.name == "pause":
+                self._paused.set()
+                log.info("paused by command")
+                command.answer(True, state=self.state)
+            elif command.name == "resume":
+                self._paused.clear()
+                log.info("resumed by command")
+                command.answer(True, state=self.state)
+            elif command.name == "reload":
+                self._reload(command)
+
+    def _reload(self, command: Command) -> None:
+        """Switch to a verified bundle, or keep the one serving and say why."""
+        path = command.args.get("bundle", self.cfg.agent.model)
+        if not isinstance(path, str) and not isinstance(path, Path):
+            command.answer(False, "bundle: expected a path", model_id=self.inspector.model.id)
+            return
+        try:
+            bundle = load_bundle(Path(path))
+            backend, why = open_backend(bundle, self.cfg.runtime)
+            pipeline = Pipeline(bundle, backend, self.cfg.runtime)
+            _warm_up(pipeline, bundle, self.cfg, f"reload of {path}")
+            inspector = Inspector(bundle, pipeline)
+        except Exception as e:  # whatever is wrong with the new bundle, the old one serves on
+            log.error("reload of %s refused: %s; still serving %s", path, e, self.inspector.model.id)
+            command.answer(False, f"{type(e).__name__}: {e}", model_id=self.inspector.model.id,
+                           model_version=self.inspector.model.version)
+            return
+        old = self.inspector.model
+        self.bundle, self.inspector, self.backend_name = bundle, inspector, backend.name
+        self.publisher.identity.update(model_id=inspector.model.id, model_version=inspector.model.version)
+        log.info("reloaded: %s %s -> %s %s from %s (%s)", old.id, old.version, inspector.model.id,
+                 inspector.model.version, bundle.path, why)
+        command.answer(True, model_id=inspector.model.id, model_version=inspector.model.version,
+                       previous={"model_id": old.id, "model_version": old.version})
 
     def _publish(self, inspection: Inspection, started: float) -> None:
         for sink in self.sinks:
@@ -243,10 +352,15 @@ class Service:
         final = self.health_report()
         self.publisher.publish_health(final)
         log.info("health: %s", json.dumps(final, separators=(",", ":")))
+        if self.sparkplug is not None:
+            # The JSON verdicts are the contract; the Sparkplug flush gets a third of what is left.
+            self.sparkplug.stop(max(0.3, (deadline - time.monotonic()) / 3))
         flushed = self.publisher.stop(max(0.5, deadline - time.monotonic()))
         self.spool.close()
         if self.http is not None:
             self.http.stop()
+        if self.opcua is not None:
+            self.opcua.stop()
         log.info("stopped after %d frames (%d ok, %d ng, %d error, %d not inspected); spool %s",
                  self.health.frames, self.health.ok, self.health.ng, self.health.errors, self.unjudged,
                  "empty" if flushed else "kept for next start")
@@ -265,6 +379,7 @@ class Service:
             verdict = self.inspector.error_verdict(
                 frame, "not inspected: the agent was stopped before this frame could be scored")
             self._publish(Inspection(verdict), time.perf_counter())
+            _answer_trigger(frame, Inspection(verdict))
         self.unjudged += len(late)
         if late:
             log.warning("stopping: %d captured frame(s) not inspected in time (error verdicts sent): %s%s",
@@ -278,8 +393,15 @@ class Service:
         """Who serves what, and the state of the loop, the source and the sinks; any thread."""
         model = self.inspector.model
         return {"agent": self.cfg.agent.name, "model_id": model.id, "model_version": model.version,
-                "backend": self.backend_name, "state": self._state,
+                "backend": self.backend_name, "state": self.state,
                 "loop_age_s": time.monotonic() - self._loop_turned, "unjudged": self.unjudged,
                 "source": asdict(self.source.stats), "mqtt": asdict(self.publisher.stats),
-                "archive": None if self.archive is None else asdict(self.archive.stats)}
+                "archive": None if self.archive is None else asdict(self.archive.stats),
+                "sparkplug": None if self.sparkplug is None else asdict(self.sparkplug.stats)}
 
+
+
+def _answer_trigger(frame: Frame, inspection: Inspection) -> None:
+    reply = frame.meta.get("reply")
+    if reply is not None:
+        reply(inspection.verdict.to_dict())

@@ -15,7 +15,7 @@ import numpy as np
 
 from engines.decision import Region
 
-SCHEMA_VERSION = "1.1"
+SCHEMA_VERSION = "1.2"
 
 Status = Literal["ok", "ng", "error"]
 
@@ -47,6 +47,8 @@ class Verdict:
     regions: list[Region] = field(default_factory=list)
     timings_ms: dict[str, float] = field(default_factory=dict)
     error: str | None = None
+    part_id: str | None = None                 # the PLC's part id, for a triggered frame
+    part_meta: dict[str, Any] | None = None    # the trigger's metadata, as sent
     schema_version: str = SCHEMA_VERSION
 
     def to_dict(self) -> dict[str, Any]:

@@ -18,8 +18,15 @@ if command -v apt-get >/dev/null 2>&1 && ! command -v chromium >/dev/null 2>&1 \
   apt_install chromium
 fi
 if ! python -m pip show -q inspection-agent >/dev/null 2>&1 \
-   || ! python -c "import torch, onnxruntime, openvino, nncf, cv2, paho.mqtt, scipy, sklearn, pytest, prometheus_client" >/dev/null 2>&1; then
+   || ! python -c "import torch, onnxruntime, openvino, nncf, cv2, paho.mqtt, scipy, sklearn, pytest, prometheus_client, google.protobuf, asyncua" >/dev/null 2>&1; then
   # torch first, the local CPU build: a plain requirement would pull several GB of CUDA packages.
   python -m pip install -q torch==2.13.0
   python -m pip install -q -e ".[test]"
+fi
+# The Sparkplug tests' independent host application (mqtt-spb-wrapper) pins paho-mqtt 1.x, which the
+# agent (paho-mqtt 2.x) cannot share: it gets an environment of its own (tests/test_sparkplug.py).
+if [ ! -x .venv-sparkplug-host/bin/python ] \
+   || ! .venv-sparkplug-host/bin/python -c "import mqtt_spb_wrapper" >/dev/null 2>&1; then
+  python -m venv .venv-sparkplug-host
+  .venv-sparkplug-host/bin/python -m pip install -q "mqtt-spb-wrapper==2.1.2"
 fi

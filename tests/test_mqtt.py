@@ -55,7 +55,9 @@ def verdict_only(i: int) -> Inspection:
 def config(broker: Any, tmp_path: Path, **overrides: Any) -> MqttConfig:
     values: dict[str, Any] = dict(host=broker.host, port=broker.port, topic_prefix=PREFIX,
                                   client_id="agent-under-test", reconnect_min_s=0.1, reconnect_max_s=0.5,
-                                  spool_path=tmp_path / "spool.sqlite")
+                                  spool_path=tmp_path / "spool.sqlite",
+                                  # The counts below are of a verdict's messages; test_plc covers last_result.
+                                  last_result=False)
     values.update(overrides)
     return MqttConfig(**values)
 
@@ -89,7 +91,7 @@ from agent.mqtt import MqttConfig, Publisher
 from agent.spool import Spool
 host, port, spool_path, n, mode = sys.argv[2], int(sys.argv[3]), Path(sys.argv[4]), int(sys.argv[5]), sys.argv[6]
 cfg = MqttConfig(host=host, port=port, topic_prefix="%s", client_id="agent-child", images="all",
-                 last_ng="none", reconnect_min_s=0.1, reconnect_max_s=0.5, spool_path=spool_path)
+                 last_ng="none", last_result=False, reconnect_min_s=0.1, reconnect_max_s=0.5, spool_path=spool_path)
 pub = Publisher(cfg, Spool(spool_path, cfg.spool_max_messages, cfg.spool_max_bytes))
 pub.start()
 while mode != "no" and not pub.stats.connected:
