@@ -84,7 +84,7 @@ def test_training_is_reproducible_from_the_seed(sample_data: Path) -> None:
     for k, v in same.items():
         torch.testing.assert_close(runs[1].network_state[k], v, rtol=0, atol=0)
     assert any(not torch.equal(other[k], v) for k, v in same.items()), "the seed has no effect"
-    assert runs[0].head_tensors.keys() == {"ssim_weight", "feature_weight"}
+    assert runs[0].head_tensors.keys() == {"ssim_mean", "ssim_std", "feature_mean", "feature_std"}
     assert runs[0].info["epochs_run"] >= 1
 
 

@@ -39,7 +39,7 @@ class GanSettings(TrainedSettings):
                                                "or the time budget (max_minutes)")
     lr: float = Field(0.0005, gt=0.0, description="Adam learning rate (GAN momentum 0.5)")
     latent_dim: int = Field(128, ge=1, description="channels of the generator's stride-16 bottleneck")
-    patience: int = Field(8, ge=1, description="epochs without validation improvement before stopping")
+    patience: int = Field(10, ge=1, description="epochs without validation improvement before stopping")
     width: int = Field(16, ge=4, le=128, description="channels of the generator's first level (doubled per level)")
     crop: int = Field(96, ge=32, le=1024, description="side of the random training crops taken from the model "
                                                         "inputs (px, multiple of 16; at most the input size)")

@@ -2,9 +2,9 @@
 
 Engine outputs: ``[image, reconstruction, features of the image, features of the reconstruction]``
 (features: the frozen backbone's stage2 and stage3, stride 4). The head turns them into a
-stride-4 map: 1 - SSIM of the grey images, pooled to stride 4, plus the squared feature
-distance, each divided by its mean on held-out good inputs (head.safetensors) so both count
-alike. The score graph upsamples and blurs it as for every method.
+stride-4 map: 1 - SSIM of the grey images, pooled to stride 4, and the squared feature
+distance, each standardised per position by its mean and deviation on held-out good inputs
+(head.safetensors), averaged. The score graph upsamples and blurs it as for every method.
 
 Validation criterion (no real defect): the repair error on held-out good inputs given fixed
 synthetic defects: how far the reconstruction of a damaged good input is from the good input.
@@ -32,11 +32,15 @@ MAP_STRIDE = 4                        # the head's map: the feature grid
 LEVELS = 4                            # stride-2 levels of the generator; inputs are multiples of 16
 HELD_OUT_INPUTS = 64                  # validation inputs: enough for a stable criterion, seconds per epoch
 DATA_RANGE = 2.0                      # Lite0 normalisation maps 0..255 to about -1..1
+STATS_INPUTS = 512                    # held-out inputs for the head's per-position statistics
+STATISTICS = ("ssim_mean", "ssim_std", "feature_mean", "feature_std")
 
 
 def conv(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, stride=stride, padding=(k - 1) // 2 if stride == 1 else 1),
-                         nn.LeakyReLU(0.2))
+    # Reflect padding: zero padding made every border a defect (a frame of high residual around
+    # every good image, the image score's maximum).
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride=stride, padding=(k - 1) // 2 if stride == 1 else 1,
+                                   padding_mode="reflect"), nn.LeakyReLU(0.2))
 
 
 class Generator(nn.Module):
@@ -57,7 +61,7 @@ class Generator(nn.Module):
             self.ups.append(nn.Sequential(nn.ConvTranspose2d(c, out, 2, stride=2), nn.LeakyReLU(0.2)))
             self.merges.append(conv(2 * out, out))
             c = out
-        self.out = nn.Sequential(nn.Conv2d(ch[0], 12, 3, padding=1), nn.PixelShuffle(2))
+        self.out = nn.Sequential(nn.Conv2d(ch[0], 12, 3, padding=1, padding_mode="reflect"), nn.PixelShuffle(2))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         skips = [self.inc(x)]
@@ -108,7 +112,7 @@ def network(spec: ModelSpec, pretrained: bool = False, weights: str | None = Non
 
 
 def head(spec: ModelSpec, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    return GanHead(tensors["ssim_weight"], tensors["feature_weight"])
+    return GanHead(**{name: tensors[name] for name in STATISTICS})
 
 
 def _grey(x: torch.Tensor) -> torch.Tensor:
@@ -127,15 +131,19 @@ def residual_terms(x: torch.Tensor, recon: torch.Tensor, f_x: torch.Tensor,
 
 
 class GanHead(nn.Module):
-    def __init__(self, ssim_weight: torch.Tensor, feature_weight: torch.Tensor) -> None:
+    """Each term standardised per map position by its mean and deviation on held-out good inputs,
+    then averaged: what is usual at a place (a border, the rim of a part) counts as usual there."""
+
+    def __init__(self, ssim_mean: torch.Tensor, ssim_std: torch.Tensor, feature_mean: torch.Tensor,
+                 feature_std: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("ssim_weight", ssim_weight.float())
-        self.register_buffer("feature_weight", feature_weight.float())
+        for name, value in zip(STATISTICS, (ssim_mean, ssim_std, feature_mean, feature_std)):
+            self.register_buffer(name, value.float())
         self.register_buffer("window", gaussian_window(), persistent=False)
 
     def forward(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         ssim, feat = residual_terms(*outputs, self.window)
-        return self.ssim_weight * ssim + self.feature_weight * feat
+        return 0.5 * ((ssim - self.ssim_mean) / self.ssim_std + (feat - self.feature_mean) / self.feature_std)
 
 
 # --- fit -------------------------------------------------------------------------------------------
@@ -220,7 +228,10 @@ def fit(spec: ModelSpec, context: FitContext) -> Fitted:
     log = fit_loop({"generator": net.generator, "discriminator": net.discriminator}, epoch, step, criterion,
                    t.epochs, t.patience, t.batch_size, gen, device, "gan training", context.progress,
                    t.max_minutes * 60)
-    head_tensors = _normalisers(net, held[0], t.batch_size, device, window)
+    stats_inputs = load_all(context.held_out, "images (statistics)", keep)
+    if len(stats_inputs) > STATS_INPUTS:
+        stats_inputs = stats_inputs[torch.randperm(len(stats_inputs), generator=gen)[:STATS_INPUTS]]
+    head_tensors = _statistics(graph, stats_inputs, t.batch_size, device, window)
     state = {k: v.detach().cpu().contiguous() for k, v in graph.cpu().state_dict().items()}
     return Fitted(network_state=state, head_tensors=head_tensors,
                   info={"samples": len(context.train), "inputs": len(images), **log.to_dict()})
@@ -238,12 +249,18 @@ def _held_out(context: FitContext, graph: EngineGraph, gen: torch.Generator) -> 
 
 
 @torch.no_grad()
-def _normalisers(net: ReconstructionGan, held: torch.Tensor, batch_size: int, device: torch.device,
-                 window: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Each term divided by its mean on held-out good inputs: both count alike in the map."""
-    sums = torch.zeros(2)
+def _statistics(graph: EngineGraph, held: torch.Tensor, batch_size: int, device: torch.device,
+                window: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-position mean and deviation of both terms on held-out good uint8 inputs, smoothed over
+    3x3 positions; deviations floored at a tenth of their mean so no position divides by ~0."""
+    terms: list[list[torch.Tensor]] = [[], []]
     for x in batched(held, batch_size, device):
-        ssim, feat = residual_terms(*net(x), window)
-        sums += torch.stack([ssim.mean(), feat.mean()]).cpu() * len(x)
-    means = (sums / len(held)).clamp_min(1e-12)
-    return {"ssim_weight": torch.tensor(0.5 / float(means[0])), "feature_weight": torch.tensor(0.5 / float(means[1]))}
+        for acc, term in zip(terms, residual_terms(*graph(x), window)):
+            acc.append(term.cpu())
+    out = {}
+    for name, acc in zip(("ssim", "feature"), terms):
+        t = torch.cat(acc)
+        mean = F.avg_pool2d(t.mean(0)[None, None], 3, 1, 1, count_include_pad=False)[0, 0]
+        std = F.avg_pool2d(t.std(0)[None, None], 3, 1, 1, count_include_pad=False)[0, 0]
+        out[f"{name}_mean"], out[f"{name}_std"] = mean, std.clamp_min(0.1 * float(std.mean()) + 1e-12)
+    return out
