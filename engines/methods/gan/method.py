@@ -73,16 +73,29 @@ class Generator(nn.Module):
         return self.out(y)
 
 
+DISC_CHANNELS = (16, 32, 64)   # stride-2 levels of the pixel discriminator (stride 8 map); ALGAN's too
+
+
 class Discriminator(nn.Module):
-    """PatchGAN: (B, 3, H, W) -> logit map (B, 1, H/8, W/8)."""
+    """Fully convolutional (PatchGAN): (B, C, H, W) -> (logit map (B, 1, h, w), feature map (B, F, h, w)).
 
-    def __init__(self, width: int) -> None:
+    ``strided`` levels halve the resolution (pixels); on a feature grid they keep it. Shared with
+    ALGAN (engines/methods/algan)."""
+
+    def __init__(self, in_ch: int, channels: tuple[int, ...], strided: bool = True) -> None:
         super().__init__()
-        self.net = nn.Sequential(conv(3, width, 4, 2), conv(width, 2 * width, 4, 2), conv(2 * width, 4 * width, 4, 2),
-                                 nn.Conv2d(4 * width, 1, 3, padding=1))
+        layers: list[nn.Module] = []
+        c = in_ch
+        for out in channels:
+            layer = nn.Conv2d(c, out, 4, stride=2, padding=1) if strided else nn.Conv2d(c, out, 3, padding=1)
+            layers += [layer, nn.LeakyReLU(0.2)]
+            c = out
+        self.features = nn.Sequential(*layers)
+        self.logit = nn.Conv2d(c, 1, 3, padding=1)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        f = self.features(x)
+        return self.logit(f), f
 
 
 class ReconstructionGan(nn.Module):
@@ -93,7 +106,7 @@ class ReconstructionGan(nn.Module):
         super().__init__()
         self.generator = Generator(width, latent)
         self.features = features
-        self.discriminator = Discriminator(width)
+        self.discriminator = Discriminator(3, (width, 2 * width, 4 * width))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         recon = self.generator(x)
@@ -204,12 +217,12 @@ def fit(spec: ModelSpec, context: FitContext) -> Fitted:
         g_loss = t.reconstruction_weight * rec + t.feature_weight * feat
         d_loss = torch.zeros(())
         if t.adversarial_weight > 0:
-            logit_x, logit_r = net.discriminator(torch.cat([clean, recon.detach()])).chunk(2)
+            logit_x, logit_r = net.discriminator(torch.cat([clean, recon.detach()]))[0].chunk(2)
             d_loss = bce(logit_x, 1.0) + bce(logit_r, 0.0)
             opt_d.zero_grad(set_to_none=True)
             d_loss.backward()
             opt_d.step()
-            g_loss = g_loss + t.adversarial_weight * bce(net.discriminator(recon), 1.0)
+            g_loss = g_loss + t.adversarial_weight * bce(net.discriminator(recon)[0], 1.0)
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         opt_g.step()
