@@ -5,7 +5,7 @@ graph), so fitting and scoring see the same inputs (engines.pipeline.model_input
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Iterator
 
@@ -34,6 +34,11 @@ class TrainImages:
     def inputs(self) -> int:
         """Model inputs the set yields (tiles per file from the first file)."""
         return len(self.paths) * len(self.model_images(self.paths[0])) if self.paths else 0
+
+    def whole_frames(self) -> "TrainImages":
+        """The same files, each resized whole to the model input (what a tiled model's coarse
+        whole-frame pass scores)."""
+        return replace(self, tiling=TilingConfig(enabled=False))
 
     def model_images(self, path: Path) -> list[np.ndarray]:
         """The model-size images one file yields: itself resized, or its tiles."""

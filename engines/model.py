@@ -48,5 +48,14 @@ class ModelSpec(Settings):
         return int(self.input_size[0]), int(self.input_size[1])
 
     @property
+    def coarse_weight(self) -> float:
+        """Weight of the coarse whole-frame pass in a tiled frame's map (0: tiles only). A method
+        that wants one declares a ``coarse_weight`` setting (gan); per-tile-position statistics
+        have no place for it."""
+        if not self.tiling.enabled or self.per_position:
+            return 0.0
+        return float(getattr(self.method, "coarse_weight", 0.0))
+
+    @property
     def per_position(self) -> bool:
         return self.tiling.enabled and self.tiling.stats == "per_position"

@@ -12,6 +12,12 @@ The service, ``evaluate``, calibration's threshold scoring and ``bench`` all sco
                    device; then one download per frame
       mask         the object mask weights the map (host)
 
+With a coarse whole-frame pass (``ModelSpec.coarse_weight`` > 0, tiled models of a method that
+declares it), each frame also gives the engine itself resized to the model input, as one more
+input of the same batch; its map, upsampled to the stitched map, is blended in:
+``(1 - w) * tiles + w * whole frame``. Tiles see small defects at full resolution, the coarse
+pass sees the frame at once (a defect larger than a tile, or wrong only in its place).
+
 Everything that does not depend on the frame (the head's statistics, bound into the runtime;
 tile grids per frame size; the mask's references) is prepared once, at start-up. With
 ``tiling.stats: per_position`` a frame's tiles are one call (the head reads them as one mosaic).
@@ -67,13 +73,15 @@ def map_size(frame_hw: tuple[int, int], max_side: int = MAP_MAX_SIDE) -> tuple[i
 
 
 def model_inputs(image: np.ndarray, input_hw: tuple[int, int], tiling: "TilingConfig",
-                 grid: TileGrid | None = None) -> list[np.ndarray]:
+                 grid: TileGrid | None = None, coarse: bool = False) -> list[np.ndarray]:
     """What the engine takes of a BGR image: the image resized to the model input, or its tiles
-    (views, in grid order). The one preparation, for scoring and for fitting alike."""
+    (views, in grid order), followed with ``coarse`` by the resized image. The one preparation,
+    for scoring and for fitting alike."""
+    h, w = input_hw
     if not tiling.enabled:
-        h, w = input_hw
         return [cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)]
-    return tiles_of(image, grid or make_grid(image.shape[:2], input_hw, tiling), tiling.scale)
+    tiles = tiles_of(image, grid or make_grid(image.shape[:2], input_hw, tiling), tiling.scale)
+    return tiles + [cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA)] if coarse else tiles
 
 
 @dataclass
@@ -85,7 +93,7 @@ class _Frame:
     grid: TileGrid | None           # None: the whole frame resized to one input
     tiles: list[np.ndarray]
     stitcher: Stitcher | None = None
-    map: torch.Tensor | None = None  # the resized frame's map (no grid)
+    map: torch.Tensor | None = None  # the resized frame's map (no grid, or the coarse pass)
     head_score: float | None = None
 
 
@@ -101,6 +109,7 @@ class Pipeline:
         self.tiling = m.model.tiling
         self.per_position = m.model.per_position
         self.own_score = m.model.method.own_image_score
+        self.coarse_weight = m.model.coarse_weight
         self._grid = lru_cache(maxsize=8)(lambda hw: make_grid(hw, self.input_hw, self.tiling))
         self.frame_size = tuple(m.frame_size)
         self.position_tiles = len(self._grid(self.frame_size)) if self.per_position else 0
@@ -143,7 +152,7 @@ class Pipeline:
             raise ValueError(f"the frame is {hw[0]}x{hw[1]} ({len(grid)} tiles); this model keeps statistics per tile "
                              f"position and was calibrated on {self.frame_size[0]}x{self.frame_size[1]} frames "
                              f"({self.position_tiles} tiles)")
-        return _Frame(bgr, hw, grid, model_inputs(bgr, self.input_hw, self.tiling, grid),
+        return _Frame(bgr, hw, grid, model_inputs(bgr, self.input_hw, self.tiling, grid, self.coarse_weight > 0),
                       Stitcher(grid) if grid is not None else None)
 
     def _batches(self, frames: list[_Frame]) -> Iterator[list[tuple[_Frame, int]]]:
@@ -159,7 +168,7 @@ class Pipeline:
 
     @staticmethod
     def _place(frame: _Frame, index: int, tile_map: torch.Tensor) -> None:
-        if frame.stitcher is None:
+        if frame.stitcher is None or index == len(frame.grid):  # the whole frame: resized, or the coarse pass
             frame.map = tile_map
         else:
             frame.stitcher.add(index, tile_map)
@@ -170,6 +179,10 @@ class Pipeline:
         out = []
         for frame in frames:
             m = frame.map if frame.stitcher is None else frame.stitcher.result(frame.hw, self.tiling.scale)
+            if frame.stitcher is not None and frame.map is not None:
+                coarse = F.interpolate(frame.map[None, None], size=tuple(m.shape), mode="bilinear",
+                                       align_corners=False)[0, 0]
+                m = (1.0 - self.coarse_weight) * m + self.coarse_weight * coarse
             size = map_size(frame.hw, self.map_max_side)
             if tuple(m.shape) != size:
                 m = F.interpolate(m[None, None], size=size, mode="bilinear", align_corners=False)[0, 0]

@@ -1,23 +1,68 @@
-"""The reconstruction GAN (``gan``, GANomaly / f-AnoGAN line): an encoder trained with the
-generator maps an image to its latent in one pass; anomaly = pixel residual plus the distance of
-the discriminator's features of input and reconstruction. Fixed input size: suits tiles."""
+"""The reconstruction GAN (``gan``): a generator trained on good images repairs what it is shown;
+anomaly = what it cannot give back, measured as the structural (1 - SSIM) and perceptual (frozen
+backbone features) difference between the input and its reconstruction.
+
+High resolution: the network is fully convolutional and scores model-size tiles
+(``model.tiling``), so a defect a few pixels wide in a large frame keeps its pixels. Training
+uses random crops of the model inputs (with flips and quarter turns), so a 2-core CPU fits in
+minutes.
+
+Not copying defects: the generator is a U-Net without its full-resolution skip, trained as a
+*repairer* (as DRAEM's reconstructive network, Zavrtanik et al. 2021): most training crops get a
+synthetic defect (blobs, scratches, patches of other crops, brightness or contrast changes) and
+the target is the clean crop. It learns to keep good surface and replace what does not belong.
+Losses: L1 + SSIM + feature matching on the frozen backbone's early features, and a PatchGAN
+discriminator's adversarial term (sharper reconstructions, so good texture leaves a smaller
+residual).
+
+The whole image, not only patches: a **coarse whole-frame pass**. With tiling on, each frame is
+also resized whole to the model input and scored by the same graph; its map, upsampled to the
+frame, is blended into the stitched tile map (``coarse_weight``). Chosen over a global-context
+input because it needs no second network input (every runtime, export and the per-tile batching
+stay as they are), the same generator serves both scales (it is trained on tiles and on whole
+frames), and it sees what no tile can: a defect larger than a tile or one that is only wrong
+in its place on the part. A global-context input would also have to be trained to be used,
+while the coarse pass is useful from the first epoch.
+"""
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from engines.methods import TrainedSettings, plugin
 
 
 class GanSettings(TrainedSettings):
     kind: Literal["gan"] = "gan"
-    lr: float = Field(0.0002, gt=0.0, description="Adam learning rate (GAN momentum 0.5)")
-    reconstruction_weight: float = Field(50.0, gt=0.0, description="GANomaly's contextual weight: "
-                                                                   "reconstruction dominates the generator loss")
-    feature_weight: float = Field(1.0, ge=0.0, description="discriminator-feature matching (f-AnoGAN's izi_f)")
-    adversarial_weight: float = Field(1.0, ge=0.0, description="fooling the discriminator")
+    epochs: int = Field(200, ge=1, description="upper bound; training stops earlier on the validation criterion "
+                                               "or the time budget (max_minutes)")
+    lr: float = Field(0.0005, gt=0.0, description="Adam learning rate (GAN momentum 0.5)")
+    latent_dim: int = Field(128, ge=1, description="channels of the generator's stride-16 bottleneck")
+    patience: int = Field(10, ge=1, description="epochs without validation improvement before stopping")
+    width: int = Field(16, ge=4, le=128, description="channels of the generator's first level (doubled per level)")
+    crop: int = Field(96, ge=32, le=1024, description="side of the random training crops taken from the model "
+                                                        "inputs (px, multiple of 16; at most the input size)")
+    epoch_inputs: int = Field(1024, ge=8, description="training crops per epoch at most (one per model input "
+                                                          "otherwise); validation runs once per epoch")
+    corruption: float = Field(0.75, ge=0.0, le=1.0, description="share of training crops given a synthetic defect "
+                                                                 "that the generator learns to remove")
+    reconstruction_weight: float = Field(1.0, ge=0.0, description="L1 + (1 - SSIM) to the clean crop")
+    feature_weight: float = Field(1.0, ge=0.0, description="feature matching on the frozen backbone's "
+                                                           "stage2 features")
+    adversarial_weight: float = Field(0.05, ge=0.0, description="fooling the PatchGAN discriminator")
+    coarse_weight: float = Field(0.3, ge=0.0, le=1.0, description="tiled frames: weight of the coarse whole-frame "
+                                                                   "pass in the map ((1 - w) tiles + w whole frame); "
+                                                                   "0 = tiles only")
+
+    @field_validator("crop")
+    @classmethod
+    def _crop(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError(f"expected a multiple of 16, got {v}")
+        return v
 
 
 PLUGINS = [plugin("gan", GanSettings, "engines.methods.gan.method",
-                  "encoder + generator + discriminator; pixel residual plus discriminator-feature distance")]
+                  "U-Net generator trained to repair synthetic defects + PatchGAN; residual = 1 - SSIM plus "
+                  "backbone-feature distance, on tiles with a coarse whole-frame pass")]

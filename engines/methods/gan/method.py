@@ -1,40 +1,94 @@
-"""The reconstruction GAN's network, head and fit.
+"""The reconstruction GAN's network, head and fit (see the package docstring for the design).
 
-Engine outputs: ``[image, reconstruction, D features of the image, D features of the
-reconstruction]``. The head adds the pixel residual and the discriminator-feature distance, each
-divided by its mean on held-out good images (head.safetensors) so that neither term dominates.
-Training (GANomaly-style): pixel reconstruction, matching the discriminator's features of the
-input, and fooling the discriminator, which learns to tell inputs from reconstructions.
-Validation: the reconstruction error on held-out good images.
+Engine outputs: ``[image, reconstruction, features of the image, features of the reconstruction]``
+(features: the frozen backbone's stage2 and stage3, stride 4). The head turns them into a
+stride-4 map: 1 - SSIM of the grey images, pooled to stride 4, and the squared feature
+distance, each standardised per position by its mean and deviation on held-out good inputs
+(head.safetensors), averaged. The score graph upsamples and blurs it as for every method.
+
+Validation criterion (no real defect): the repair error on held-out good inputs given fixed
+synthetic defects: how far the reconstruction of a damaged good input is from the good input.
 """
 from __future__ import annotations
+
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engines.graph import pretrained_graph
+from engines.backbones import FeatureNet, FeatureSpec, make_backbone
+from engines.graph import EngineGraph, pretrained_graph
 from engines.methods import FitContext, Fitted
-from engines.methods.autoencoder.method import PIXEL_CHANNELS, Decoder, Encoder, check_size
+from engines.methods.autoencoder.method import gaussian_window, ssim_map
 from engines.methods.gan import GanSettings
+from engines.methods.gan.corruption import corrupt
 from engines.model import ModelSpec
 from engines.training import batched, fit_loop, load_all, seed_everything, train_device
 
-DISC_CHANNELS = (16, 32, 64)   # stride-2 levels of the pixel discriminator (stride 8 map)
+FEATURE_TAPS = ("stage2", "stage3")  # stride 4 and 8: edges and small textures, before semantics
+LOSS_TAP = "stage2"                   # training's feature matching: the cheaper half (backward through Lite0)
+MAP_STRIDE = 4                        # the head's map: the feature grid
+LEVELS = 4                            # stride-2 levels of the generator; inputs are multiples of 16
+HELD_OUT_INPUTS = 64                  # validation inputs: enough for a stable criterion, seconds per epoch
+DATA_RANGE = 2.0                      # Lite0 normalisation maps 0..255 to about -1..1
+STATS_INPUTS = 512                    # held-out inputs for the head's per-position statistics
+STATISTICS = ("ssim_mean", "ssim_std", "feature_mean", "feature_std")
+
+
+def conv(cin: int, cout: int, k: int = 3, stride: int = 1) -> nn.Sequential:
+    # Reflect padding: zero padding made every border a defect (a frame of high residual around
+    # every good image, the image score's maximum).
+    return nn.Sequential(nn.Conv2d(cin, cout, k, stride=stride, padding=(k - 1) // 2 if stride == 1 else 1,
+                                   padding_mode="reflect"), nn.LeakyReLU(0.2))
+
+
+class Generator(nn.Module):
+    """U-Net on a 2x2 space-to-depth of the image (no convolution at full resolution: half the
+    cost), skips at strides 2, 4 and 8 keep the surface sharp, a ``latent``-channel stride-16
+    bottleneck carries the context that decides what belongs. Fully convolutional."""
+
+    def __init__(self, width: int, latent: int) -> None:
+        super().__init__()
+        ch = [width * 2 ** i for i in range(LEVELS - 1)]       # strides 2, 4, 8
+        self.inc = nn.Sequential(nn.PixelUnshuffle(2), conv(12, ch[0]), conv(ch[0], ch[0]))
+        self.downs = nn.ModuleList(nn.Sequential(conv(ch[i - 1], ch[i], 4, 2), conv(ch[i], ch[i]))
+                                   for i in range(1, len(ch)))
+        self.bottom = nn.Sequential(conv(ch[-1], latent, 4, 2), conv(latent, latent))
+        self.ups, self.merges = nn.ModuleList(), nn.ModuleList()
+        c = latent
+        for out in reversed(ch):
+            self.ups.append(nn.Sequential(nn.ConvTranspose2d(c, out, 2, stride=2), nn.LeakyReLU(0.2)))
+            self.merges.append(conv(2 * out, out))
+            c = out
+        self.out = nn.Sequential(nn.Conv2d(ch[0], 12, 3, padding=1, padding_mode="reflect"), nn.PixelShuffle(2))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        skips = [self.inc(x)]
+        for down in self.downs:
+            skips.append(down(skips[-1]))
+        y = self.bottom(skips[-1])
+        for up, merge, skip in zip(self.ups, self.merges, reversed(skips)):
+            y = merge(torch.cat([up(y), skip], 1))
+        return self.out(y)
+
+
+DISC_CHANNELS = (16, 32, 64)   # stride-2 levels of the pixel discriminator (stride 8 map); ALGAN's too
 
 
 class Discriminator(nn.Module):
-    """Fully convolutional: (B, C, H, W) -> (logit map (B, 1, h, w), feature map (B, F, h, w)).
+    """Fully convolutional (PatchGAN): (B, C, H, W) -> (logit map (B, 1, h, w), feature map (B, F, h, w)).
 
-    ``strided`` levels halve the resolution (pixels); on a feature grid they keep it."""
+    ``strided`` levels halve the resolution (pixels); on a feature grid they keep it. Shared with
+    ALGAN (engines/methods/algan)."""
 
     def __init__(self, in_ch: int, channels: tuple[int, ...], strided: bool = True) -> None:
         super().__init__()
         layers: list[nn.Module] = []
         c = in_ch
         for out in channels:
-            conv = nn.Conv2d(c, out, 4, stride=2, padding=1) if strided else nn.Conv2d(c, out, 3, padding=1)
-            layers += [conv, nn.LeakyReLU(0.2)]
+            layer = nn.Conv2d(c, out, 4, stride=2, padding=1) if strided else nn.Conv2d(c, out, 3, padding=1)
+            layers += [layer, nn.LeakyReLU(0.2)]
             c = out
         self.features = nn.Sequential(*layers)
         self.logit = nn.Conv2d(c, 1, 3, padding=1)
@@ -45,51 +99,67 @@ class Discriminator(nn.Module):
 
 
 class ReconstructionGan(nn.Module):
-    """Encoder + generator + discriminator; the exported engine for ``gan``."""
+    """Generator + frozen feature network + discriminator; the exported engine for ``gan`` (the
+    discriminator is trained with it but not run at scoring)."""
 
-    def __init__(self, hw: tuple[int, int], latent_dim: int, channels: tuple[int, ...] = PIXEL_CHANNELS,
-                 disc_channels: tuple[int, ...] = DISC_CHANNELS) -> None:
+    def __init__(self, features: FeatureNet, width: int, latent: int) -> None:
         super().__init__()
-        check_size(hw, len(channels))
-        self.encoder = Encoder(3, hw, channels, latent_dim)
-        self.generator = Decoder(3, hw, channels, latent_dim)
-        self.discriminator = Discriminator(3, disc_channels)
+        self.generator = Generator(width, latent)
+        self.features = features
+        self.discriminator = Discriminator(3, (width, 2 * width, 4 * width))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        recon = self.generator(self.encoder(x))
-        # One discriminator pass over input and reconstruction together.
-        _, f = self.discriminator(torch.cat([x, recon]))
-        f_x, f_r = f.chunk(2)
+        recon = self.generator(x)
+        f_x, f_r = self.features(torch.cat([x, recon])).chunk(2)  # one backbone pass for both
         return x, recon, f_x, f_r
 
 
 def network(spec: ModelSpec, pretrained: bool = False, weights: str | None = None) -> nn.Module:
-    return ReconstructionGan(spec.input_hw, spec.method.latent_dim, PIXEL_CHANNELS, DISC_CHANNELS)
+    s: GanSettings = spec.method
+    h, w = spec.input_hw
+    if h % 2 ** LEVELS or w % 2 ** LEVELS:
+        raise ValueError(f"model.input_size {[h, w]}: gan needs multiples of {2 ** LEVELS}")
+    backbone = make_backbone(spec.backbone, Path(weights) if weights else None, pretrained=pretrained)
+    features = FeatureNet(backbone, FeatureSpec(spec.backbone, FEATURE_TAPS))
+    return ReconstructionGan(features, s.width, s.latent_dim)
 
 
 def head(spec: ModelSpec, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    return GanHead(tensors["residual_weight"], tensors["feature_weight"])
+    return GanHead(**{name: tensors[name] for name in STATISTICS})
 
 
-def gan_terms(recon: torch.Tensor, f_x: torch.Tensor, f_r: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pixel residual (B, H, W), discriminator-feature distance (B, H, W), upsampled)."""
-    residual = (x - recon).pow(2).mean(1)
-    feat = (f_x - f_r).pow(2).mean(1, keepdim=True)
-    feat = F.interpolate(feat, size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
-    return residual, feat
+def _grey(x: torch.Tensor) -> torch.Tensor:
+    return x.mean(1, keepdim=True)
+
+
+def residual_terms(x: torch.Tensor, recon: torch.Tensor, f_x: torch.Tensor,
+                   f_r: torch.Tensor, window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(1 - SSIM pooled to the feature grid, squared feature distance), each (B, h, w)."""
+    ssim = 1.0 - ssim_map(_grey(x), _grey(recon), window, DATA_RANGE)
+    ssim = F.avg_pool2d(ssim, MAP_STRIDE)[:, 0]
+    feat = (f_x - f_r).pow(2).mean(1)
+    if feat.shape[-2:] != ssim.shape[-2:]:
+        feat = F.interpolate(feat[:, None], size=ssim.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
+    return ssim, feat
 
 
 class GanHead(nn.Module):
-    def __init__(self, residual_weight: torch.Tensor, feature_weight: torch.Tensor) -> None:
+    """Each term standardised per map position by its mean and deviation on held-out good inputs,
+    then averaged: what is usual at a place (a border, the rim of a part) counts as usual there."""
+
+    def __init__(self, ssim_mean: torch.Tensor, ssim_std: torch.Tensor, feature_mean: torch.Tensor,
+                 feature_std: torch.Tensor) -> None:
         super().__init__()
-        self.register_buffer("residual_weight", residual_weight.float())
-        self.register_buffer("feature_weight", feature_weight.float())
+        for name, value in zip(STATISTICS, (ssim_mean, ssim_std, feature_mean, feature_std)):
+            self.register_buffer(name, value.float())
+        self.register_buffer("window", gaussian_window(), persistent=False)
 
     def forward(self, outputs: list[torch.Tensor]) -> torch.Tensor:
-        x, recon, f_x, f_r = outputs
-        residual, feat = gan_terms(recon, f_x, f_r, x)
-        return self.residual_weight * residual + self.feature_weight * feat
+        ssim, feat = residual_terms(*outputs, self.window)
+        return 0.5 * ((ssim - self.ssim_mean) / self.ssim_std + (feat - self.feature_mean) / self.feature_std)
 
+
+# --- fit -------------------------------------------------------------------------------------------
 
 def bce(logits: torch.Tensor, target: float) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(logits, torch.full_like(logits, target))
@@ -99,51 +169,111 @@ def adam(params, lr: float) -> torch.optim.Adam:
     return torch.optim.Adam(params, lr=lr, betas=(0.5, 0.999))  # the usual GAN momentum
 
 
+def augmented_crops(images: torch.Tensor, n: int, side: int, gen: torch.Generator) -> torch.Tensor:
+    """``n`` random ``side`` crops of uint8 (N, H, W, 3) ``images``, randomly flipped and turned."""
+    _, h, w, _ = images.shape
+    out = []
+    for _ in range(n):
+        i = int(torch.randint(len(images), (), generator=gen))
+        y, x = int(torch.randint(h - side + 1, (), generator=gen)), int(torch.randint(w - side + 1, (), generator=gen))
+        crop = images[i, y:y + side, x:x + side]
+        if float(torch.rand((), generator=gen)) < 0.5:
+            crop = crop.flip(1)
+        crop = torch.rot90(crop, int(torch.randint(4, (), generator=gen)), dims=(0, 1))
+        out.append(crop)
+    return torch.stack(out).contiguous()
+
+
 def fit(spec: ModelSpec, context: FitContext) -> Fitted:
     t: GanSettings = spec.method
     device = train_device()
     gen = seed_everything(context.seed)
     graph = pretrained_graph(spec, network, context.weights, device)
     net: ReconstructionGan = graph.network
-    data = load_all(context.train, "images", graph.normalise, device)
-    held = load_all(context.held_out, "images (held out)", graph.normalise, device)
-    enc_gen = list(net.encoder.parameters()) + list(net.generator.parameters())
-    opt_g, opt_d = adam(enc_gen, t.lr), adam(net.discriminator.parameters(), t.lr)
+    net.features.requires_grad_(False)
+    keep = lambda x: x  # noqa: E731 - inputs stay uint8 in memory; crops are normalised per batch
+    images = load_all(context.train, "images", keep)
+    if spec.coarse_weight > 0:  # the coarse pass scores whole frames: the generator learns them too
+        images = torch.cat([images, load_all(context.train.whole_frames(), "whole frames", keep)])
+    held = _held_out(context, graph, gen)
+    side = min(t.crop, *spec.input_hw)
+    window = gaussian_window().to(device)
+    opt_g, opt_d = adam(net.generator.parameters(), t.lr), adam(net.discriminator.parameters(), t.lr)
 
-    def step(x: torch.Tensor) -> dict[str, float]:
-        recon = net.generator(net.encoder(x))
-        logit, _ = net.discriminator(torch.cat([x, recon.detach()]))
-        l_x, l_r = logit.chunk(2)
-        d_loss = bce(l_x, 1.0) + bce(l_r, 0.0)
-        opt_d.zero_grad(set_to_none=True)
-        d_loss.backward()
-        opt_d.step()
+    def repair_loss(damaged: torch.Tensor, clean: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        recon = net.generator(damaged)
+        ssim = 1.0 - ssim_map(_grey(recon), _grey(clean), window, DATA_RANGE).mean()
+        rec = (recon - clean).abs().mean() + ssim
+        backbone = net.features.backbone
+        with torch.no_grad():
+            f_clean = backbone(clean, (LOSS_TAP,))[0]
+        feat = (backbone(recon, (LOSS_TAP,))[0] - f_clean).pow(2).mean()
+        return recon, rec, feat
 
-        logit, feats = net.discriminator(torch.cat([x, recon]))
-        f_x, f_r = feats.chunk(2)
-        rec = (x - recon).pow(2).mean()
-        g_loss = (t.reconstruction_weight * rec + t.feature_weight * (f_x.detach() - f_r).pow(2).mean()
-                  + t.adversarial_weight * bce(logit.chunk(2)[1], 1.0))
+    def step(indices: torch.Tensor) -> dict[str, float]:
+        clean = graph.normalise(augmented_crops(images, len(indices), side, gen).to(device))
+        damaged = corrupt(clean, gen, t.corruption)
+        recon, rec, feat = repair_loss(damaged, clean)
+        g_loss = t.reconstruction_weight * rec + t.feature_weight * feat
+        d_loss = torch.zeros(())
+        if t.adversarial_weight > 0:
+            logit_x, logit_r = net.discriminator(torch.cat([clean, recon.detach()]))[0].chunk(2)
+            d_loss = bce(logit_x, 1.0) + bce(logit_r, 0.0)
+            opt_d.zero_grad(set_to_none=True)
+            d_loss.backward()
+            opt_d.step()
+            g_loss = g_loss + t.adversarial_weight * bce(net.discriminator(recon)[0], 1.0)
         opt_g.zero_grad(set_to_none=True)
         g_loss.backward()
         opt_g.step()
-        return {"d": d_loss.item(), "g": g_loss.item(), "rec": rec.item()}
+        return {"rec": rec.item(), "feat": feat.item(), "d": d_loss.item()}
 
     def criterion() -> float:
-        return sum(float((x - net.generator(net.encoder(x))).pow(2).mean()) * len(x)
-                   for x in batched(held, t.batch_size, device)) / len(held)
+        total = 0.0
+        for clean, damaged in zip(batched(held[0], t.batch_size, device), batched(held[1], t.batch_size, device)):
+            _, rec, feat = repair_loss(damaged, clean)
+            total += float(t.reconstruction_weight * rec + t.feature_weight * feat) * len(clean)
+        return total / len(held[0])
 
-    log = fit_loop({"gan": net}, data, step, criterion, t.epochs, t.patience, t.batch_size, gen, device,
-                   "gan training", context.progress, t.max_minutes * 60)
-    # Each term divided by its mean on held-out good images: both count alike in the map.
-    with torch.no_grad():
-        sums = torch.zeros(2)
-        for x in batched(held, t.batch_size, device):
-            x_, recon, f_x, f_r = net(x)
-            residual, feat = gan_terms(recon, f_x, f_r, x_)
-            sums += torch.stack([residual.mean(), feat.mean()]).cpu() * len(x)
-        means = (sums / len(held)).clamp_min(1e-12)
-    head_tensors = {"residual_weight": torch.tensor(0.5 / float(means[0])),
-                    "feature_weight": torch.tensor(0.5 / float(means[1]))}
+    # An epoch: one random crop per input, at most epoch_inputs (thousands of tiles would leave a
+    # 15-minute budget one validation). fit_loop orders these indices; each step draws its crops.
+    epoch = torch.arange(min(t.epoch_inputs, len(images)))
+    log = fit_loop({"generator": net.generator, "discriminator": net.discriminator}, epoch, step, criterion,
+                   t.epochs, t.patience, t.batch_size, gen, device, "gan training", context.progress,
+                   t.max_minutes * 60)
+    stats_inputs = load_all(context.held_out, "images (statistics)", keep)
+    if len(stats_inputs) > STATS_INPUTS:
+        stats_inputs = stats_inputs[torch.randperm(len(stats_inputs), generator=gen)[:STATS_INPUTS]]
+    head_tensors = _statistics(graph, stats_inputs, t.batch_size, device, window)
     state = {k: v.detach().cpu().contiguous() for k, v in graph.cpu().state_dict().items()}
-    return Fitted(network_state=state, head_tensors=head_tensors, info={"samples": len(data), **log.to_dict()})
+    return Fitted(network_state=state, head_tensors=head_tensors,
+                  info={"samples": len(context.train), "inputs": len(images), **log.to_dict()})
+
+
+def _held_out(context: FitContext, graph: EngineGraph, gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clean, damaged) normalised held-out inputs, at most HELD_OUT_INPUTS, damaged once with a
+    fixed seed so every epoch is judged on the same defects."""
+    held = load_all(context.held_out, "images (held out)", lambda x: x)
+    if len(held) > HELD_OUT_INPUTS:
+        held = held[torch.randperm(len(held), generator=gen)[:HELD_OUT_INPUTS]]
+    with torch.no_grad():
+        clean = graph.normalise(held.to(graph.mean.device)).cpu()
+    return clean, corrupt(clean, torch.Generator().manual_seed(0), 1.0)
+
+
+@torch.no_grad()
+def _statistics(graph: EngineGraph, held: torch.Tensor, batch_size: int, device: torch.device,
+                window: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-position mean and deviation of both terms on held-out good uint8 inputs, smoothed over
+    3x3 positions; deviations floored at a tenth of their mean so no position divides by ~0."""
+    terms: list[list[torch.Tensor]] = [[], []]
+    for x in batched(held, batch_size, device):
+        for acc, term in zip(terms, residual_terms(*graph(x), window)):
+            acc.append(term.cpu())
+    out = {}
+    for name, acc in zip(("ssim", "feature"), terms):
+        t = torch.cat(acc)
+        mean = F.avg_pool2d(t.mean(0)[None, None], 3, 1, 1, count_include_pad=False)[0, 0]
+        std = F.avg_pool2d(t.std(0)[None, None], 3, 1, 1, count_include_pad=False)[0, 0]
+        out[f"{name}_mean"], out[f"{name}_std"] = mean, std.clamp_min(0.1 * float(std.mean()) + 1e-12)
+    return out
