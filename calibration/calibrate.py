@@ -113,7 +113,8 @@ def _write_bundle(data: Path, path: Path, cfg: ModelConfig, progress: bool) -> M
     if spec.mask.kind != "none":
         from calibration.masks import fit_mask
 
-        manifest.mask_files = fit_mask(spec.mask, fit_paths, path)
+        fitted_mask = fit_mask(spec.mask, fit_paths, path)
+        manifest.mask_files, manifest.mask_learnt = fitted_mask.references, fitted_mask.learnt
 
     # Scored before the thresholds exist: the manifest is written (and sealed) once, at the end.
     pipeline = reference_pipeline(Bundle(path, manifest), cfg.batch_size)

@@ -106,7 +106,7 @@ class Pipeline:
         self.position_tiles = len(self._grid(self.frame_size)) if self.per_position else 0
         self.mask: ObjectMask | None = None
         if use_mask and m.model.mask.kind != "none":
-            self.mask = load_mask(m.model.mask, [r.model_dump() for r in m.mask_files], bundle.path)
+            self.mask = load_mask(m.model.mask, [r.model_dump() for r in m.mask_files], bundle.path, m.mask_learnt)
 
     def score_frame(self, image: np.ndarray) -> FrameScore:
         return self.score([image])[0]
