@@ -118,6 +118,8 @@ def _warm_up(pipeline: Pipeline, bundle: Bundle, cfg: Config, where: str) -> Non
         pipeline.score_frame(np.zeros((int(frame_hw[0]), int(frame_hw[1]), 3), np.uint8))
     except ValueError as e:  # the bundle cannot score such frames (calibrated for another size)
         raise ConfigError(f"{where}: agent.model: {e}") from None
+    if pipeline.mask is not None:
+        pipeline.mask.counts.clear()  # a blank frame never locks on: health counts real frames
 
 
 @dataclass
@@ -226,7 +228,10 @@ class Service:
                         len(late), ", ".join(late[:10]), ", ..." if len(late) > 10 else "")
 
     def health_report(self) -> dict[str, Any]:
+        mask = self.inspector.pipeline.mask
+        # Frames by how the object mask found the part (homography, learnt, all, roi): fallbacks show here.
+        extra = {"mask": dict(mask.counts)} if mask is not None else {}
         return self.health.report(agent=self.cfg.agent.name, model_id=self.bundle.manifest.model_id,
                                   backend=self.backend_name, unjudged=self.unjudged,
-                                  source=asdict(self.source.stats), mqtt=asdict(self.publisher.stats))
+                                  source=asdict(self.source.stats), mqtt=asdict(self.publisher.stats), **extra)
 

@@ -83,6 +83,8 @@ class MaskConfig(Settings):
 
 
 class ObjectMask(Protocol):
+    counts: Counter[str]   # frames by how the part was found: homography, learnt, all, roi
+
     def weights(self, image: np.ndarray, out_hw: tuple[int, int] | None = None) -> np.ndarray:
         """Float32 weights in [outside_weight, 1] for the score map of ``image``, at ``out_hw``
         (the score map's size, at the frame's aspect; default: the frame's size)."""

@@ -57,6 +57,7 @@ class FrameScore:
     score: float                    # the image score (see the module docstring)
     frame_hw: tuple[int, int]       # the frame's size; map pixels scale to it by frame_hw / map.shape
     timings_ms: dict[str, float] = field(default_factory=dict)
+    unmasked: tuple[np.ndarray, float] | None = None  # with an object mask: the map and score before it
 
 
 def map_size(frame_hw: tuple[int, int], max_side: int = MAP_MAX_SIDE) -> tuple[int, int]:
@@ -190,7 +191,8 @@ class Pipeline:
         peak = np.unravel_index(int(np.argmax(weighted)), weighted.shape)
         score = float(weighted[peak]) if frame.head_score is None else frame.head_score * float(weights[peak])
         clock.add("mask", (time.perf_counter() - t) * 1000.0)
-        return FrameScore(weighted, score, frame.hw)
+        unmasked = score_map.max() if frame.head_score is None else frame.head_score
+        return FrameScore(weighted, score, frame.hw, unmasked=(score_map, float(unmasked)))
 
 
 class _Clock:
