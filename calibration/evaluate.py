@@ -93,6 +93,7 @@ def write_outputs(ev: Evaluation, bundle: Bundle, backend: str, report: Path | N
     summary = ev.summary(bundle, backend)
     if report is not None:
         write_report(report, ev.metrics, ev.scores, ev.labels, ev.maps, ev.masks, ev.images, ev.names,
-                     bundle.manifest.decision.image_threshold, f"{bundle.manifest.model_id} ({backend})")
+                     bundle.manifest.decision.image_threshold, f"{bundle.manifest.model_id} ({backend})",
+                     mask=ev.mask, tap_search=bundle.manifest.score_stats.get("tap_search"))
         (report / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary
