@@ -113,3 +113,13 @@ def test_taps_auto_is_a_configuration_value_never_a_bundle_one():
         ModelSpec.model_validate({"taps": "auto"})
     with pytest.raises(ValueError, match="taps: auto is resolved by calibration"):
         ModelConfig.model_validate({"taps": "auto"}).spec()
+
+
+def test_a_bad_taps_value_names_the_key():
+    from pydantic import ValidationError
+
+    from agent.config import Config, describe
+
+    with pytest.raises(ValidationError) as e:
+        Config.model_validate({"model": {"taps": ["stage3", 4]}})
+    assert describe(e.value, "f.yaml") == "f.yaml: model.taps[1]: expected a string, got 4"
