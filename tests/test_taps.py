@@ -123,3 +123,27 @@ def test_a_bad_taps_value_names_the_key():
     with pytest.raises(ValidationError) as e:
         Config.model_validate({"model": {"taps": ["stage3", 4]}})
     assert describe(e.value, "f.yaml") == "f.yaml: model.taps[1]: expected a string, got 4"
+
+
+def test_the_default_stays_unless_the_best_clearly_leads_it():
+    from calibration.metrics import average_precision
+    from calibration.taps import _weighted_ap, choose
+
+    rng = np.random.default_rng(0)
+    truth = rng.random((60, 32, 32)) < 0.05
+    noise = lambda: rng.random(truth.shape).astype(np.float32)  # noqa: E731
+    good, same, weak = noise() + truth * 1.0, noise() + truth * 1.0, noise() + truth * 0.2
+    # Weighted AP with unit weights is the metrics module's AP; weight 2 counts an image twice.
+    assert _weighted_ap(good, truth, np.ones((1, 60)))[0] == pytest.approx(
+        average_precision(good.reshape(-1), truth.reshape(-1)), abs=1e-9)
+    twice = np.zeros((1, 60))
+    twice[0, :30] = 2
+    assert _weighted_ap(good, truth, twice)[0] == pytest.approx(
+        average_precision(good[:30].reshape(-1), truth[:30].reshape(-1)), abs=1e-9)
+    best, default = ["stage4"], ["stage3", "stage4", "stage5"]
+    # A clear lead replaces the default; a tie (two equally good candidates) keeps it.
+    chosen, lead = choose(best, default, {("stage4",): good, tuple(default): weak}, truth, rng)
+    assert chosen == best and lead == 1.0
+    chosen, lead = choose(best, default, {("stage4",): good, tuple(default): same}, truth, rng)
+    assert chosen == default and lead < 0.9
+    assert choose(best, default, {("stage4",): good}, truth, rng) == (best, None)   # the default no candidate
