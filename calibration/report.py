@@ -306,9 +306,18 @@ def _taps_html(search: dict[str, Any] | None) -> str:
     return (f"<h2>Taps chosen at calibration</h2><p>model.taps: auto chose <b>{html.escape(' + '.join(search['chosen']))}"
             f"</b>: candidates ranked by pixel AUPR (image AUROC breaks ties) on {search['held_out_good']} held-out "
             f"good images plus {search['defects']} synthetic defects, never on the test set "
-            f"({search['seconds']:.0f} s).</p><img src=\"taps.png\" alt=\"tap ranking\">"
+            f"({search['seconds']:.0f} s).{_lead_html(search)}</p><img src=\"taps.png\" alt=\"tap ranking\">"
             f"<table><tr><th>rank</th><th>taps</th><th>channels</th><th>pixel AUPR</th><th>image AUROC</th></tr>"
             f"\n{rows}\n</table>")
+
+
+def _lead_html(search: dict[str, Any]) -> str:
+    if search.get("lead") is None:
+        return ""
+    verdict = "replaces" if search["chosen"] != search["default"] else "does not replace"
+    return (f" The first of the ranking led the default taps ({html.escape(' + '.join(search['default']))}) in "
+            f"{100 * search['lead']:.0f}% of paired bootstrap resamples, so it {verdict} them "
+            f"(it must lead in {100 * search['confidence']:.0f}%).")
 
 
 def _html_row(name: str, m: MetricSet) -> str:

@@ -32,8 +32,9 @@ class ModelConfig(ModelSpec):
     taps: list[str] | Literal["auto"] = Field(
         default_factory=lambda: ["stage3", "stage4", "stage5"], min_length=1,
         description="feature layers: Lite0 stage1..7 / block0..15; ResNet stem, layer1..4; or auto: every set of "
-                    "one to three stages ranked at calibration on held-out good images plus synthetic defects "
-                    "(PaDiM, untiled; the ranking goes into the bundle and the evaluate report)")
+                    "one to three stages ranked at calibration on held-out good images plus synthetic defects, "
+                    "the default kept unless the best clearly leads it (PaDiM, untiled; the ranking goes into "
+                    "the bundle and the evaluate report)")
     tap_search: TapSearchConfig = Field(default_factory=TapSearchConfig, description="taps: auto: the search")
     weights: ConfigPath | None = Field(None, description="torchvision-format .pth state dict; required for the "
                                                          "ResNets")
