@@ -184,8 +184,14 @@ def _print_table(summary: dict) -> None:
     cols = ("image_auroc", "pixel_auroc", "pixel_aupr", "aupro", "f1_max", "n_images")
     print(f"{'set':<12}" + "".join(f"{c:>13}" for c in cols))
     rows = [("overall", summary)] + list(summary["per_type"].items())
+    mask = summary.get("mask")
+    if mask:
+        rows.append(("no mask", mask["without_mask"]))
     for name, m in rows:
         print(f"{name:<12}" + "".join(f"{_fmt(m.get(c)):>13}" for c in cols))
+    if mask:
+        print(f"mask {mask['kind']} (outside weight {mask['outside_weight']}): frames by how the part was found "
+              f"{mask['outcomes']}")
 
 
 def _fmt(v: object) -> str:

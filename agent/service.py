@@ -167,6 +167,8 @@ def _warm_up(pipeline: Pipeline, bundle: Bundle, cfg: Config, where: str) -> Non
         pipeline.score_frame(np.zeros((int(frame_hw[0]), int(frame_hw[1]), 3), np.uint8))
     except ValueError as e:  # the bundle cannot score such frames (calibrated for another size)
         raise ConfigError(f"{where}: agent.model: {e}") from None
+    if pipeline.mask is not None:
+        pipeline.mask.counts.clear()  # a blank frame never locks on: health counts real frames
 
 
 @dataclass
@@ -387,7 +389,10 @@ class Service:
 
     def health_report(self) -> dict[str, Any]:
         """The health payload (closes a measurement window: the inspection loop's call)."""
-        return self.health.report(**self.status())
+        mask = self.inspector.pipeline.mask
+        # Frames by how the object mask found the part (homography, learnt, all, roi): fallbacks show here.
+        extra = {"mask": dict(mask.counts)} if mask is not None else {}
+        return self.health.report(**self.status(), **extra)
 
     def status(self) -> dict[str, Any]:
         """Who serves what, and the state of the loop, the source and the sinks; any thread."""

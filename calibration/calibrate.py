@@ -81,6 +81,10 @@ def _check_settings(cfg: ModelConfig) -> None:
         from engines.masks import check_detector
 
         check_detector(cfg.mask.detector)
+    if cfg.taps == "auto":
+        from calibration.taps import check_searchable
+
+        check_searchable(cfg)
 
 
 def _check_replaceable(out: Path) -> None:
@@ -94,9 +98,16 @@ def _check_replaceable(out: Path) -> None:
 
 
 def _write_bundle(data: Path, path: Path, cfg: ModelConfig, progress: bool) -> Manifest:
-    spec = cfg.spec()
     paths = [s.path for s in train_samples(data)]
     fit_paths, val_paths = split_train(paths, cfg.holdout, cfg.seed)
+    val_images = [read_image(p) for p in val_paths]
+    tap_search = None
+    if cfg.taps == "auto":
+        from calibration.taps import search_taps
+
+        tap_search = search_taps(cfg, fit_paths, val_images, cfg.tap_search, cfg.seed, cfg.weights, cfg.batch_size,
+                                 progress)
+    spec = cfg.spec(tap_search.chosen if tap_search else None)
     train = TrainImages(fit_paths, spec.input_hw, spec.tiling, cfg.batch_size, progress)
     held_out = TrainImages(val_paths, spec.input_hw, spec.tiling, cfg.batch_size, progress)
     log.info("calibrating %s on %d good images (%d held out for the thresholds)", spec.method.kind,
@@ -110,14 +121,16 @@ def _write_bundle(data: Path, path: Path, cfg: ModelConfig, progress: bool) -> M
     tiles = len(make_grid(frame_hw, spec.input_hw, spec.tiling)) if spec.per_position else 2
     export_score_onnx(score_graph, fitted.head_tensors, path / ONNX, example_batch=tiles)
     manifest = Manifest(model=spec, frame_size=list(frame_hw), decision=_UNDECIDED, score_stats={"fit": fitted.info})
+    if tap_search is not None:
+        manifest.score_stats["tap_search"] = tap_search.to_dict()
     if spec.mask.kind != "none":
         from calibration.masks import fit_mask
 
-        manifest.mask_files = fit_mask(spec.mask, fit_paths, path)
+        fitted_mask = fit_mask(spec.mask, fit_paths, path)
+        manifest.mask_files, manifest.mask_learnt = fitted_mask.references, fitted_mask.learnt
 
     # Scored before the thresholds exist: the manifest is written (and sealed) once, at the end.
     pipeline = reference_pipeline(Bundle(path, manifest), cfg.batch_size)
-    val_images = [read_image(p) for p in val_paths]
     good = score_images(pipeline, val_images, progress, "thresholds")
     defect_scores = None
     if cfg.synthetic_defects:

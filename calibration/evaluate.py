@@ -28,7 +28,7 @@ class Evaluation:
     images: list[np.ndarray]
     names: list[str]
     ms_per_image: float
-    mask: dict[str, Any] | None = None  # the object mask applied ({kind, outcomes}); None: none
+    mask: dict[str, Any] | None = None  # the object mask applied ({kind, outcomes, without_mask}); None: none
 
     def summary(self, bundle: Bundle, backend: str) -> dict[str, Any]:
         overall = self.metrics["overall"].to_dict()
@@ -51,6 +51,7 @@ def evaluate(bundle: Bundle, pipeline: Pipeline, data: Path, progress: bool = Tr
     samples = test_samples(data)
     size: tuple[int, int] | None = None
     scores, maps, masks, images = [], [], [], []
+    raw_scores, raw_maps = [], []  # before the object mask, where there is one
     elapsed = 0.0
     for s in tqdm(samples, desc="evaluate", unit="img", disable=not progress, leave=False):
         img = read_image(s.path)
@@ -60,30 +61,39 @@ def evaluate(bundle: Bundle, pipeline: Pipeline, data: Path, progress: bool = Tr
         elapsed += time.perf_counter() - t
         scores.append(fs.score)
         maps.append(cv2.resize(fs.map, (size[1], size[0]), interpolation=cv2.INTER_LINEAR))
+        if fs.unmasked is not None:
+            raw_maps.append(cv2.resize(fs.unmasked[0], (size[1], size[0]), interpolation=cv2.INTER_LINEAR))
+            raw_scores.append(fs.unmasked[1])
         mask = read_mask(s, img.shape[:2]).astype(np.uint8)
         masks.append(cv2.resize(mask, (size[1], size[0]), interpolation=cv2.INTER_NEAREST).astype(bool))
         images.append(cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_AREA))
     labels = np.array([s.label for s in samples])
     maps_arr = np.stack(maps).astype(np.float32)
     masks_arr = np.stack(masks)
-    metrics = compute_metrics(np.array(scores), labels, maps_arr, masks_arr, [s.defect_type for s in samples],
-                              progress=progress)
+    types = [s.defect_type for s in samples]
+    metrics = compute_metrics(np.array(scores), labels, maps_arr, masks_arr, types, progress=progress)
+    mask = None
+    if pipeline.mask is not None:
+        without = compute_metrics(np.array(raw_scores), labels, np.stack(raw_maps).astype(np.float32), masks_arr,
+                                  types)
+        mask = _mask_info(bundle, pipeline, without["overall"].to_dict())
     return Evaluation(metrics, np.array(scores), labels, maps_arr, masks_arr, images,
-                      [f"{s.defect_type}/{s.path.name}" for s in samples], 1000.0 * elapsed / len(samples),
-                      _mask_info(bundle, pipeline))
+                      [f"{s.defect_type}/{s.path.name}" for s in samples], 1000.0 * elapsed / len(samples), mask)
 
 
-def _mask_info(bundle: Bundle, pipeline: Pipeline) -> dict[str, Any] | None:
-    if pipeline.mask is None:
-        return None
-    counts = getattr(pipeline.mask, "counts", None)  # feature masks count homography / hull / all frames
-    return {"kind": bundle.manifest.model.mask.kind, "outcomes": dict(counts) if counts is not None else None}
+def _mask_info(bundle: Bundle, pipeline: Pipeline, without: dict[str, Any]) -> dict[str, Any]:
+    """How the mask found the part (frames per outcome: homography, learnt, all, roi) and the
+    overall metrics of the same run without it."""
+    spec = bundle.manifest.model.mask
+    return {"kind": spec.kind, "outside_weight": spec.outside_weight,
+            "outcomes": dict(getattr(pipeline.mask, "counts", {})), "without_mask": without}
 
 
 def write_outputs(ev: Evaluation, bundle: Bundle, backend: str, report: Path | None) -> dict[str, Any]:
     summary = ev.summary(bundle, backend)
     if report is not None:
         write_report(report, ev.metrics, ev.scores, ev.labels, ev.maps, ev.masks, ev.images, ev.names,
-                     bundle.manifest.decision.image_threshold, f"{bundle.manifest.model_id} ({backend})")
+                     bundle.manifest.decision.image_threshold, f"{bundle.manifest.model_id} ({backend})",
+                     mask=ev.mask, tap_search=bundle.manifest.score_stats.get("tap_search"))
         (report / "summary.json").write_text(json.dumps(summary, indent=2))
     return summary

@@ -37,11 +37,15 @@ def write_report(
     names: list[str],
     threshold: float | None,
     title: str,
+    mask: dict[str, Any] | None = None,
+    tap_search: dict[str, Any] | None = None,
 ) -> Path:
     """Write the report into `out_dir` (created if absent) and return its index.html.
 
     `metrics` is what compute_metrics returns; `images` are uint8 grey or BGR at the
-    score-map size, one per score, named by `names`.
+    score-map size, one per score, named by `names`. `mask`: how the object mask found the part
+    and the metrics without it (calibration/evaluate.py); `tap_search`: the bundle's ranking of
+    candidate taps (calibration/taps.py), as a table and taps.png.
     """
     scores = np.asarray(image_scores, np.float64)
     labels = np.asarray(labels).astype(int)
@@ -66,10 +70,32 @@ def write_report(
             for name, label, score in zip(names, labels, scores)
         ],
     }
+    if tap_search is not None:
+        _plot_taps(out_dir / "taps.png", tap_search, title)
+    record.update({"mask": mask, "tap_search": tap_search})
     (out_dir / "metrics.json").write_text(json.dumps(record, indent=2))
     index = out_dir / "index.html"
-    index.write_text(_html(title, metrics, scores, labels, threshold))
+    index.write_text(_html(title, metrics, scores, labels, threshold, mask, tap_search))
     return index
+
+
+def _plot_taps(path: Path, search: dict[str, Any], title: str) -> None:
+    """Pixel AUPR (bars) and image AUROC (dots) of every candidate tap set, best first."""
+    ranking = search["ranking"]
+    names = [" + ".join(c["taps"]) for c in ranking]
+    fig = Figure(figsize=(max(6.0, 0.22 * len(ranking) + 2), 5), dpi=100)
+    ax = fig.add_subplot()
+    x = np.arange(len(ranking))
+    ax.bar(x, [c["pixel_aupr"] for c in ranking], color=["tab:red" if c["taps"] == search["chosen"] else "tab:blue"
+                                                          for c in ranking], label="pixel AUPR")
+    ax2 = ax.twinx()
+    ax2.plot(x, [c["image_auroc"] for c in ranking], "k.", label="image AUROC")
+    ax2.set_ylabel("image AUROC (dots)")
+    ax.set_xticks(x, names, rotation=90, fontsize=6)
+    ax.set(ylabel="pixel AUPR (bars; chosen in red)",
+           title=f"{title}: taps on {search['held_out_good']} held-out good + {search['defects']} synthetic defects")
+    fig.tight_layout()
+    fig.savefig(path)
 
 
 def _plot_roc(
@@ -221,8 +247,12 @@ def _html(
     scores: np.ndarray,
     labels: np.ndarray,
     threshold: float | None,
+    mask: dict[str, Any] | None = None,
+    tap_search: dict[str, Any] | None = None,
 ) -> str:
     rows = [_html_row("overall", metrics["overall"])]
+    if mask is not None:
+        rows.append(_html_row("without the mask", MetricSet(**mask["without_mask"])))
     rows += [_html_row(name, m) for name, m in metrics["per_type"].items()]
     header = "".join(f"<th>{c}</th>" for c in ("set", "images", "anomalous", *_METRIC_COLUMNS))
     if threshold is None:
@@ -248,12 +278,46 @@ td,th{{border:1px solid #ccc;padding:4px 8px;text-align:right}} img{{max-width:1
 <p>AUPRO is the area under the per-region overlap curve up to the false positive limit
 (0.3 unless chosen otherwise), normalised to 1. Per-type sets hold the good images plus that
 type's images. Raw numbers: <a href="metrics.json">metrics.json</a>.</p>
+{_mask_html(mask)}
 <img src="roc.png" alt="image-level ROC"> <img src="pr.png" alt="pixel-level PR">
+{_taps_html(tap_search)}
 <h2>Examples</h2>
 <p>Heatmap over the image, true defect outline in green.</p>
 <img src="heatmaps.png" alt="heatmap examples">
 </body></html>
 """
+
+
+def _mask_html(mask: dict[str, Any] | None) -> str:
+    if mask is None:
+        return ""
+    found = ", ".join(f"{how}: {n}" for how, n in sorted(mask["outcomes"].items())) or "none"
+    return (f"<p>Object mask <b>{html.escape(mask['kind'])}</b>, outside weight {mask['outside_weight']}; frames by "
+            f"how the part was found: {html.escape(found)}. The row <i>without the mask</i> is the same run's "
+            "maps before the mask.</p>")
+
+
+def _taps_html(search: dict[str, Any] | None) -> str:
+    if search is None:
+        return ""
+    rows = "\n".join(f"<tr><td>{i + 1}</td><td>{html.escape(' + '.join(c['taps']))}</td><td>{c['channels']}</td>"
+                     f"<td>{c['pixel_aupr']:.4f}</td><td>{c['image_auroc']:.4f}</td></tr>"
+                     for i, c in enumerate(search["ranking"]))
+    return (f"<h2>Taps chosen at calibration</h2><p>model.taps: auto chose <b>{html.escape(' + '.join(search['chosen']))}"
+            f"</b>: candidates ranked by pixel AUPR (image AUROC breaks ties) on {search['held_out_good']} held-out "
+            f"good images plus {search['defects']} synthetic defects, never on the test set "
+            f"({search['seconds']:.0f} s).{_lead_html(search)}</p><img src=\"taps.png\" alt=\"tap ranking\">"
+            f"<table><tr><th>rank</th><th>taps</th><th>channels</th><th>pixel AUPR</th><th>image AUROC</th></tr>"
+            f"\n{rows}\n</table>")
+
+
+def _lead_html(search: dict[str, Any]) -> str:
+    if search.get("lead") is None:
+        return ""
+    verdict = "replaces" if search["chosen"] != search["default"] else "does not replace"
+    return (f" The first of the ranking led the default taps ({html.escape(' + '.join(search['default']))}) in "
+            f"{100 * search['lead']:.0f}% of paired bootstrap resamples, so it {verdict} them "
+            f"(it must lead in {100 * search['confidence']:.0f}%).")
 
 
 def _html_row(name: str, m: MetricSet) -> str:

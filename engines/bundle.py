@@ -83,6 +83,8 @@ class Manifest(Settings):
     frame_size: list[int] = Field(description="[height, width] of the frames calibrated on")
     decision: Decision = Field(description="the image and pixel thresholds (engines/decision.py)")
     mask_files: list[MaskReference] = Field(default_factory=list, description="features mask: reference files")
+    mask_learnt: str | None = Field(None, description="learnt and features masks: the part's shape learnt from the "
+                                                      "good images, a bundle file")
     score_stats: dict[str, Any] = Field(default_factory=dict, description="figures from fitting and the held-out "
                                                                           "scores")
     files: dict[str, Sha256] = Field(default_factory=dict, description="bundle file name (relative, /) -> SHA-256")
@@ -252,6 +254,8 @@ def _inside(bundle: Path, name: str) -> Path:
 
 
 def _mask_files_hashed(bundle: Path, manifest: Manifest, files: dict[str, Path]) -> None:
+    if manifest.mask_learnt is not None and manifest.mask_learnt not in files:
+        raise BundleError(f"{bundle}: mask_learnt: {manifest.mask_learnt!r} is not among the bundle's hashed files")
     for i, ref in enumerate(manifest.mask_files):
         for key in ("image", "object"):
             name = getattr(ref, key)

@@ -63,6 +63,7 @@ class FrameScore:
     score: float                    # the image score (see the module docstring)
     frame_hw: tuple[int, int]       # the frame's size; map pixels scale to it by frame_hw / map.shape
     timings_ms: dict[str, float] = field(default_factory=dict)
+    unmasked: tuple[np.ndarray, float] | None = None  # with an object mask: the map and score before it
 
 
 def map_size(frame_hw: tuple[int, int], max_side: int = MAP_MAX_SIDE) -> tuple[int, int]:
@@ -115,7 +116,7 @@ class Pipeline:
         self.position_tiles = len(self._grid(self.frame_size)) if self.per_position else 0
         self.mask: ObjectMask | None = None
         if use_mask and m.model.mask.kind != "none":
-            self.mask = load_mask(m.model.mask, [r.model_dump() for r in m.mask_files], bundle.path)
+            self.mask = load_mask(m.model.mask, [r.model_dump() for r in m.mask_files], bundle.path, m.mask_learnt)
 
     def score_frame(self, image: np.ndarray) -> FrameScore:
         return self.score([image])[0]
@@ -203,7 +204,8 @@ class Pipeline:
         peak = np.unravel_index(int(np.argmax(weighted)), weighted.shape)
         score = float(weighted[peak]) if frame.head_score is None else frame.head_score * float(weights[peak])
         clock.add("mask", (time.perf_counter() - t) * 1000.0)
-        return FrameScore(weighted, score, frame.hw)
+        unmasked = score_map.max() if frame.head_score is None else frame.head_score
+        return FrameScore(weighted, score, frame.hw, unmasked=(score_map, float(unmasked)))
 
 
 class _Clock:

@@ -68,7 +68,8 @@ def describe(error: ValidationError, file: Path | str, lines: dict[tuple, int] |
     """One line for the first error: ``file:line: key: what was expected, got what``. ``lines``
     maps key paths to lines of the file; ``root`` is the model validated (to list known keys)."""
     err = error.errors(include_url=False)[0]
-    loc = tuple(err["loc"])
+    # A union (``taps: [..] | auto``) tags the location with the member tried ("list[str]"): not a key.
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and "[" in p))
     key = _key(loc)
     cause = (err.get("ctx") or {}).get("error")
     if isinstance(cause, SettingError):

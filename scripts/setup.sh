@@ -30,3 +30,9 @@ if [ ! -x .venv-sparkplug-host/bin/python ] \
   python -m venv .venv-sparkplug-host
   .venv-sparkplug-host/bin/python -m pip install -q "mqtt-spb-wrapper==2.1.2"
 fi
+# OpenCV 5 keeps AKAZE and BRISK in the contrib wheel. The main wheel (an older install of this
+# project) writes the same cv2 package and hides them: it goes, and contrib is written again.
+if ! python -c "import cv2; f = getattr(cv2, 'xfeatures2d', cv2); f.AKAZE_create; f.BRISK_create" >/dev/null 2>&1; then
+  python -m pip uninstall -q -y opencv-python-headless >/dev/null 2>&1 || true
+  python -m pip install -q --force-reinstall --no-deps "opencv-contrib-python-headless>=4.9"
+fi

@@ -46,11 +46,11 @@ def _write_refs(tmp_path: Path, images: list[np.ndarray]) -> list[Path]:
     return paths
 
 
-def _feature_mask(tmp_path: Path, refs: list[np.ndarray], **cfg: object) -> FeatureMask:
+def _feature_mask(tmp_path: Path, refs: list[np.ndarray], learnt: bool = True, **cfg: object) -> FeatureMask:
     bundle_dir = tmp_path / "bundle"
     settings = MaskConfig(kind="features", **cfg)
-    files = fit_mask(settings, _write_refs(tmp_path, refs), bundle_dir)
-    mask = load_mask(settings, files, bundle_dir)
+    fitted = fit_mask(settings, _write_refs(tmp_path, refs), bundle_dir)
+    mask = load_mask(settings, fitted.references, bundle_dir, fitted.learnt if learnt else None)
     assert isinstance(mask, FeatureMask)
     return mask
 
@@ -94,7 +94,7 @@ def test_roi_polygon_off_the_frame_is_a_clear_error():
     (dict(outside_weight=1.5), "mask.outside_weight"),
     (dict(kind="roi"), "mask.polygons"),
     (dict(polygons=[[[0, 0], [1, 1]]]), r"mask.polygons\[0\]"),
-    (dict(min_matches=10, min_region_matches=12), "mask.min_region_matches"),
+    (dict(min_matches=2), "mask.min_matches"),
 ])
 def test_mask_config_names_the_bad_key(bad, key):
     from pydantic import ValidationError
@@ -111,11 +111,6 @@ def test_mask_config_names_the_bad_key(bad, key):
 @pytest.mark.parametrize("detector", ["orb", "sift", "akaze", "brisk"])
 def test_feature_mask_aligns_a_moved_part(tmp_path: Path, detector: str):
     ref = _part(3)
-    ctor = {"orb": "ORB_create", "sift": "SIFT_create", "akaze": "AKAZE_create", "brisk": "BRISK_create"}[detector]
-    if not hasattr(cv2, ctor):  # OpenCV 5 keeps AKAZE and BRISK in contrib: the error must say so
-        with pytest.raises(ValueError, match=f"mask.detector: '{detector}' is not in this OpenCV build"):
-            _feature_mask(tmp_path, [ref], detector=detector)
-        return
     mask = _feature_mask(tmp_path, [_part(7), ref], detector=detector, margin=0.0)
     frame, truth = _moved(ref)
     found = mask.locate(frame)
@@ -131,8 +126,9 @@ def test_feature_mask_aligns_a_moved_part(tmp_path: Path, detector: str):
     band = np.ones((5, 5), np.uint8)   # the warped outline is anti-aliased over a pixel or two
     core = cv2.erode(expected.astype(np.uint8), band) > 0
     away = cv2.dilate(expected.astype(np.uint8), band) == 0
-    assert (weights[core] == 1.0).all() and (weights[away] == 0.0).all()
-    assert weights[0, 0] == 0.0 and weights[SIZE[0] // 2, SIZE[1] // 2] == 0.0  # background and the hole
+    low = mask.cfg.outside_weight
+    assert (weights[core] == 1.0).all() and np.allclose(weights[away], low)
+    assert weights[0, 0] == pytest.approx(low) and weights[SIZE[0] // 2, SIZE[1] // 2] == pytest.approx(low)
     assert mask.counts["homography"] == 2
 
 
@@ -146,27 +142,31 @@ def test_reference_mask_from_polygons_and_whole_frame():
     assert how == "frame" and (obj == 255).all()
 
 
-def test_fallback_to_the_region_of_matched_points(tmp_path: Path):
-    ref = _part(3)
-    # An unreachable homography requirement: the inliers' hull is all that is left.
-    mask = _feature_mask(tmp_path, [ref], min_matches=100_000, min_region_matches=8)
-    frame, truth = _moved(ref)
-    found = mask.locate(frame)
-    assert found.how == "hull" and found.homography is None and found.inliers >= 8
-    obj, _ = reference_object(cv2.cvtColor(ref, cv2.COLOR_BGR2GRAY), mask.cfg)
-    part = cv2.warpPerspective(obj, truth, (SIZE[1], SIZE[0]), flags=cv2.INTER_NEAREST) > 0
-    assert (found.mask[part] > 0.5).mean() >= 0.9     # the hull of the keypoints covers the part
-    assert found.mask[0, 0] == 0 and found.mask[-1, -1] == 0
-    assert mask.counts == {"hull": 1}
+def test_a_frame_that_does_not_lock_on_falls_back_to_the_learnt_mask_not_a_hull(tmp_path: Path,
+                                                                               caplog: pytest.LogCaptureFixture):
+    refs = [_part(s) for s in (3, 4, 5, 6)]
+    # An unreachable homography requirement: many inliers, yet no lock.
+    mask = _feature_mask(tmp_path, refs, min_matches=100_000)
+    frame, _ = _moved(refs[0], angle=0.0, shift=(2.0, -1.0))
+    with caplog.at_level("DEBUG", logger="engines.masks"):
+        found = [mask.locate(frame) for _ in range(3)]
+    assert all(f.how == "learnt" and f.homography is None for f in found) and found[0].inliers >= 8
+    # The whole washer is kept (the learnt shape), not the few matched points' region.
+    obj, _ = reference_object(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY), mask.cfg)
+    assert (found[0].mask[obj > 0] > 0.5).mean() >= 0.99
+    assert found[0].mask[0, 0] == 0 and found[0].mask[SIZE[0] // 2, SIZE[1] // 2] == 0  # background, hole
+    assert mask.counts == {"learnt": 3}
+    warnings = [r for r in caplog.records if r.levelname == "WARNING" and "did not lock on" in r.message]
+    assert len(warnings) == 1   # one warning a minute; the counts tell the rest
 
 
 @pytest.mark.parametrize("what", ["another part", "a blank frame"])
-def test_fallback_to_the_whole_frame(tmp_path: Path, what: str):
-    mask = _feature_mask(tmp_path, [_part(3)])
+def test_fallback_to_the_whole_frame_without_a_learnt_mask(tmp_path: Path, what: str):
+    mask = _feature_mask(tmp_path, [_part(3)], learnt=False)
     # Synthetic parts have random brushing: another part shares no keypoints with the reference.
     frame = _part(11) if what == "another part" else np.full((*SIZE, 3), 90, np.uint8)
     found = mask.locate(frame)
-    assert found.how == "all" and found.inliers < mask.cfg.min_region_matches
+    assert found.how == "all"
     assert (mask.weights(frame) == 1.0).all()
     assert mask.counts == {"all": 2}
 
@@ -180,8 +180,9 @@ def masked_bundle(padim_bundle, tmp_path: Path):
     shutil.copytree(padim_bundle.path, out)
     refs = _write_refs(tmp_path, [_resized_part(3), _resized_part(5)])
     manifest = padim_bundle.manifest.model_copy(deep=True)
-    manifest.model.mask = MaskConfig(kind="features", references=2)
-    manifest.mask_files = fit_mask(manifest.model.mask, refs, out)
+    manifest.model.mask = MaskConfig(kind="features", references=2, outside_weight=0.0)
+    fitted = fit_mask(manifest.model.mask, refs, out)
+    manifest.mask_files, manifest.mask_learnt = fitted.references, fitted.learnt
     write_manifest(out, manifest)
     return load_bundle(out), refs
 
@@ -217,3 +218,100 @@ def test_mask_files_are_covered_by_the_bundle_hashes(masked_bundle):
     cv2.imwrite(str(ref0), img)
     with pytest.raises(BundleError, match=r"mask/ref_0.png: content hash mismatch"):
         load_bundle(bundle.path)
+
+
+# --- a part with a piece missing, and the learnt mask ---------------------------------------------
+
+def _missing_piece(image: np.ndarray, angle: float = 30.0) -> tuple[np.ndarray, np.ndarray]:
+    """``image`` with a wedge of the washer cut away (background showing), and where the piece was."""
+    h, w = image.shape[:2]
+    yy, xx = np.mgrid[0:h, 0:w]
+    theta = np.degrees(np.arctan2(yy - h / 2, xx - w / 2)) % 360
+    wedge = (theta >= angle) & (theta < angle + 40)
+    obj, _ = reference_object(cv2.cvtColor(image, cv2.COLOR_BGR2GRAY), MaskConfig(kind="learnt"))
+    piece = wedge & (cv2.erode(obj, np.ones((5, 5), np.uint8)) > 0)
+    out = image.copy()
+    out[cv2.dilate(piece.astype(np.uint8), np.ones((7, 7), np.uint8)) > 0] = 37  # the dark background
+    return out, piece
+
+
+def test_the_learnt_mask_covers_the_part_and_a_missing_piece(tmp_path: Path):
+    goods = [_part(s) for s in range(20, 28)]
+    settings = MaskConfig(kind="learnt")
+    fitted = fit_mask(settings, _write_refs(tmp_path, goods), tmp_path / "bundle")
+    assert fitted.references == [] and fitted.learnt == "mask/learnt.png"
+    mask = load_mask(settings, [], tmp_path / "bundle", fitted.learnt)
+    frame, piece = _missing_piece(_part(40))
+    # The part as seen on this frame lacks the piece: a mask found on the frame would cut it away.
+    seen, _ = reference_object(cv2.cvtColor(frame, cv2.COLOR_BGR2GRAY), settings)
+    assert (seen[piece] > 0).mean() < 0.2
+    weights = mask.weights(frame)
+    assert (weights[piece] == 1.0).mean() >= 0.99                         # the missing piece is scored
+    whole, _ = reference_object(cv2.cvtColor(_part(41), cv2.COLOR_BGR2GRAY), settings)
+    assert (weights[whole > 0] == 1.0).mean() >= 0.99                     # and the whole part
+    assert weights[0, 0] == pytest.approx(0.7) and weights[SIZE[0] // 2, SIZE[1] // 2] == pytest.approx(0.7)
+    assert mask.counts == {"learnt": 1}
+
+
+def test_a_texture_learns_the_whole_frame(tmp_path: Path):
+    textures = [np.random.default_rng(s).normal(128, 20, (*SIZE, 3)).clip(0, 255).astype(np.uint8) for s in range(4)]
+    fitted = fit_mask(MaskConfig(kind="learnt"), _write_refs(tmp_path, textures), tmp_path / "bundle")
+    assert (cv2.imread(str(tmp_path / "bundle" / fitted.learnt), cv2.IMREAD_GRAYSCALE) == 255).all()
+
+
+@pytest.mark.parametrize("detector", ["orb", "akaze"])
+def test_a_homography_keeps_a_missing_piece_inside_the_mask(tmp_path: Path, detector: str):
+    ref = _part(3)
+    mask = _feature_mask(tmp_path, [ref], detector=detector, margin=0.0)
+    broken, _ = _missing_piece(ref)
+    _, piece = _missing_piece(ref)
+    frame, truth = _moved(broken)
+    moved_piece = cv2.warpPerspective(piece.astype(np.uint8), truth, (SIZE[1], SIZE[0]),
+                                      flags=cv2.INTER_NEAREST) > 0
+    found = mask.locate(frame)
+    assert found.how == "homography"
+    assert (found.mask[cv2.erode(moved_piece.astype(np.uint8), np.ones((3, 3), np.uint8)) > 0] > 0.5).mean() >= 0.99
+
+
+# --- AKAZE and BRISK through the CLI; an unavailable detector refused first ------------------------
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("detector", ["akaze", "brisk"])
+def test_akaze_and_brisk_calibrate_and_evaluate_through_the_cli(tmp_path: Path, sample_data: Path, detector: str):
+    import json
+    import subprocess
+    import sys
+
+    config = tmp_path / "c.yaml"
+    config.write_text("model:\n  method: {kind: padim, dims: 48}\n  input_size: [128, 128]\n"
+                      f"  mask: {{kind: features, detector: {detector}, references: 2}}\n")
+    run = lambda *args: subprocess.run([sys.executable, "-m", "agent", *args, "--config", str(config)],  # noqa: E731
+                                       capture_output=True, text=True, cwd=REPO, timeout=300)
+    r = run("calibrate", "--data", str(sample_data), "--out", str(tmp_path / "b"))
+    assert r.returncode == 0, r.stderr
+    bundle = load_bundle(tmp_path / "b")
+    assert bundle.manifest.model.mask.detector == detector and len(bundle.manifest.mask_files) == 2
+    assert bundle.manifest.mask_learnt == "mask/learnt.png"
+    r = run("evaluate", "--model", str(tmp_path / "b"), "--data", str(sample_data), "--json", "--backend",
+            "onnxruntime")
+    assert r.returncode == 0, r.stderr
+    summary = json.loads(r.stdout)
+    mask = summary["mask"]
+    assert mask["kind"] == "features" and sum(mask["outcomes"].values()) == summary["n_images"]
+    # The synthetic parts' brushing is random per part, so frames fall back to the learnt shape.
+    assert set(mask["outcomes"]) <= {"homography", "learnt"}
+    assert mask["without_mask"]["n_images"] == summary["n_images"] and mask["without_mask"]["pixel_aupr"] > 0
+
+
+def test_check_config_refuses_an_unavailable_detector(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    from agent.config import ConfigError, load_config, preflight
+
+    for where in (cv2, getattr(cv2, "xfeatures2d", None)):
+        if where is not None and hasattr(where, "BRISK_create"):
+            monkeypatch.delattr(where, "BRISK_create")
+    path = tmp_path / "c.yaml"
+    path.write_text("model:\n  mask:\n    kind: features\n    detector: brisk\n")
+    with pytest.raises(ConfigError, match=r"model.mask.detector: 'brisk' is not in this OpenCV build .*contrib"):
+        preflight(load_config(path), path, serving=False)

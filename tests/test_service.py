@@ -228,3 +228,37 @@ def test_run_without_a_model_exits_2(tmp_path: Path) -> None:
     r = subprocess.run([sys.executable, "-m", "agent", "run", "--config", str(cfg)], capture_output=True,
                        text=True, cwd=REPO)
     assert r.returncode == 2 and "agent.model" in r.stderr
+
+
+def test_health_counts_the_object_mask_fallbacks_and_the_log_warns_once(mosquitto, subscribers, padim_bundle,
+                                                                        tmp_path: Path) -> None:
+    import shutil
+
+    from calibration.masks import fit_mask
+    from calibration.synthetic import synthetic_part
+    from engines.bundle import write_manifest
+    from engines.masks import MaskConfig
+
+    bundle = tmp_path / "masked"
+    shutil.copytree(padim_bundle.path, bundle)
+    refs = []
+    for seed in (3, 5):
+        refs.append(tmp_path / "refs" / f"{seed}.png")
+        refs[-1].parent.mkdir(exist_ok=True)
+        cv2.imwrite(str(refs[-1]), synthetic_part(np.random.default_rng(seed), (160, 192))[0])
+    manifest = padim_bundle.manifest.model_copy(deep=True)
+    manifest.model.mask = MaskConfig(kind="features", references=2)
+    fitted = fit_mask(manifest.model.mask, refs, bundle)
+    manifest.mask_files, manifest.mask_learnt = fitted.references, fitted.learnt
+    write_manifest(bundle, manifest)
+
+    sub = subscribers(mosquitto, prefix=PREFIX)
+    n = 6
+    err = finish(start_agent(write_config(tmp_path, mosquitto, bundle, synthetic(n))))
+    sub.wait_for(lambda: len(sub.verdict_ids()) == n, f"{n} verdicts")
+    health = json.loads(sub.on(f"{PREFIX}/health")[-1].payload)
+    # Synthetic parts are brushed at random: most do not lock on to the references and fall back to
+    # the learnt shape; every frame is counted once, the warm-up frame not at all.
+    assert health["frames"] == n and sum(health["mask"].values()) == n
+    assert set(health["mask"]) <= {"homography", "learnt"} and health["mask"]["learnt"] >= n // 2
+    assert err.count("object mask did not lock on") == 1
