@@ -51,8 +51,8 @@ def one_thread():
 def tiny_config(method: str, on_features: bool = False, tiled: bool = False, epochs: int = 2, seed: int = 0):
     settings = {"kind": method, "epochs": epochs, "batch_size": 8, "latent_dim": 32, "patience": 2,
                 "lr": 1e-3 if method.startswith("ae") else 2e-4}
-    if on_features:
-        settings["on_features"] = True
+    if method != "gan":  # gan reconstructs pixels only; the others default to their own choice
+        settings["on_features"] = on_features
     cfg = small_model_config(settings, input_size=list(SIZE), seed=seed)
     if tiled:
         cfg.tiling = TilingConfig(enabled=True, overlap=0.25)
