@@ -2,9 +2,10 @@
 (Liu et al., CVPR 2023): the discriminator, trained to separate good features from
 pseudo-anomalous ones, is the detector; its per-position logit map is the score map.
 
-On features (the default) it reaches PaDiM's image AUROC with a better map; on pixels it is the
-original image-space ALGAN, kept for small aligned images (it needs no backbone) but weak on
-textured parts such as MTD's tiles (docs/engines.md).
+On features (the default) it is the stronger variant, though still short of PaDiM on MTD
+(image AUROC 0.87 against 0.97, docs/engines.md); on pixels it is the original image-space
+ALGAN, kept for small aligned images (it needs no backbone) but near chance on textured parts
+such as MTD's tiles.
 """
 from __future__ import annotations
 
