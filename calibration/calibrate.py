@@ -29,8 +29,9 @@ from calibration.settings import ModelConfig
 from calibration.thresholds import choose_threshold, pixel_threshold
 from engines.bundle import MANIFEST, ONNX, Bundle, Manifest, load_bundle, write_manifest, write_tensors
 from engines.decision import Decision
-from engines.methods import FitContext, implementation
-from engines.pipeline import Pipeline
+from engines.methods import FitContext, TrainedSettings, ValidationSet, implementation
+from engines.model import ModelSpec
+from engines.pipeline import Pipeline, model_inputs
 from engines.runtimes.torch_backend import TorchBackend, TorchSettings
 from engines.score import build_score_graph, export_score_onnx
 from engines.tiling import make_grid
@@ -113,7 +114,10 @@ def _write_bundle(data: Path, path: Path, cfg: ModelConfig, progress: bool) -> M
     log.info("calibrating %s on %d good images (%d held out for the thresholds)", spec.method.kind,
              len(fit_paths), len(val_paths))
 
-    context = FitContext(train, held_out, cfg.seed, cfg.weights, cfg.batch_size, progress)
+    val_images = [read_image(p) for p in val_paths]
+    validation = (validation_set(val_images, cfg.validation_defects, spec, cfg.seed)
+                  if isinstance(spec.method, TrainedSettings) and cfg.validation_defects else None)
+    context = FitContext(train, held_out, cfg.seed, cfg.weights, cfg.batch_size, progress, validation)
     fitted = implementation(spec.method.kind).fit(spec, context)
     write_tensors(path, fitted.network_state, fitted.head_tensors)
     frame_hw = read_image(fit_paths[0]).shape[:2]
@@ -150,6 +154,21 @@ def _write_bundle(data: Path, path: Path, cfg: ModelConfig, progress: bool) -> M
     manifest.score_stats["holdout_good"] = _stats(good_scores)
     write_manifest(path, manifest)
     return load_bundle(path).manifest  # complete only if it loads as the agent will load it
+
+
+def validation_set(good: list[np.ndarray], n: int, spec: ModelSpec, seed: int) -> ValidationSet:
+    """Held-out good images and ``n`` synthetic defects made from them (calibration/defects.py), as
+    model inputs: what trained methods stop on, so that no real defect chooses the epoch. A seed of
+    its own keeps these defects apart from the threshold's ``synthetic_defects``."""
+    from calibration.defects import synthesize_defects
+
+    pairs = [(img, np.zeros(img.shape[:2], bool)) for img in good]
+    pairs += synthesize_defects(good, n, np.random.default_rng([seed, 1]))
+    images, masks = [], []
+    for img, mask in pairs:
+        images += model_inputs(img, spec.input_hw, spec.tiling)
+        masks += [m > 127 for m in model_inputs(mask.astype(np.uint8) * 255, spec.input_hw, spec.tiling)]
+    return ValidationSet(torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(masks)))
 
 
 def _swap_in(new: Path, out: Path) -> None:

@@ -44,6 +44,9 @@ class ModelConfig(ModelSpec):
     seed: int = Field(0, description="fixes the channel subset, the hold-out split and any training")
     threshold: ThresholdConfig = Field(default_factory=ThresholdConfig,
                                        description="thresholds, from the held-out good images")
+    validation_defects: int = Field(60, ge=0, description="trained methods: synthetic defects made from held-out "
+                                                          "good images; training stops on how well it finds them "
+                                                          "among the held-out good ones (0: on its loss instead)")
     synthetic_defects: int = Field(0, ge=0, description="defective images made from held-out good ones: "
                                                         "miss-rate estimate, and f1 thresholds without real defects")
 

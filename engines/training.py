@@ -68,6 +68,13 @@ def load_all(images: FitData, desc: str, transform: Callable[[torch.Tensor], tor
     return torch.cat(out).clone()
 
 
+def standardise(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features (N, C, h, w) -> (standardised per channel, mean (1, C, 1, 1), std (1, C, 1, 1))."""
+    mean = data.mean((0, 2, 3), keepdim=True)
+    std = data.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
+    return (data - mean) / std, mean, std
+
+
 def shuffled(data: torch.Tensor, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
     order = torch.randperm(len(data), generator=gen)
     for i in range(0, len(data), batch_size):
@@ -98,7 +105,9 @@ def fit_loop(modules: dict[str, nn.Module], data: torch.Tensor, step: Step, crit
         record = {"epoch": epoch, "val": val, **{k: v / max(n, 1) for k, v in sums.items()}}
         history.append(record)
         bar.set_postfix({k: f"{v:.4g}" for k, v in record.items() if k != "epoch"})
-        log.debug("%s epoch %d: %s", desc, epoch, record)
+        # Without a progress bar (a log, a service), each epoch is a log line.
+        log.log(logging.DEBUG if progress else logging.INFO, "%s epoch %d: %s", desc, epoch,
+                {k: round(v, 5) for k, v in record.items()})
         if val < best:
             best, best_epoch = val, epoch
             best_state = {name: copy.deepcopy(m.state_dict()) for name, m in modules.items()}

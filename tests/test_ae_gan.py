@@ -51,8 +51,8 @@ def one_thread():
 def tiny_config(method: str, on_features: bool = False, tiled: bool = False, epochs: int = 2, seed: int = 0):
     settings = {"kind": method, "epochs": epochs, "batch_size": 8, "latent_dim": 32, "patience": 2,
                 "lr": 1e-3 if method.startswith("ae") else 2e-4}
-    if on_features:
-        settings["on_features"] = True
+    if method != "gan":  # gan reconstructs pixels only; the others default to their own choice
+        settings["on_features"] = on_features
     cfg = small_model_config(settings, input_size=list(SIZE), seed=seed)
     if tiled:
         cfg.tiling = TilingConfig(enabled=True, overlap=0.25)
@@ -214,3 +214,34 @@ def test_calibrate_and_evaluate_commands(sample_data: Path, tmp_path: Path) -> N
     assert metrics["method"] == "ae-ssim" and metrics["ms_per_image"] > 0
     for key in ("image_auroc", "pixel_auroc", "pixel_aupr", "aupro"):
         assert 0.0 <= metrics[key] <= 1.0
+
+
+def test_augmentation_mirrors_and_turns_each_image_on_its_own() -> None:
+    from engines.methods.autoencoder.method import mirror_and_turn
+
+    x = torch.arange(16 * 2 * 4 * 4, dtype=torch.float32).view(16, 2, 4, 4)
+    out = mirror_and_turn(x, torch.Generator().manual_seed(0))
+    seen = set()
+    for i in range(len(x)):
+        candidates = {tuple(t.flatten().tolist()) for t in _dihedral(x[i])}
+        assert tuple(out[i].flatten().tolist()) in candidates          # a mirror/turn of itself, nothing else
+        seen.add(tuple((out[i] == x[i]).flatten().tolist()))
+    assert len(seen) > 1                                                # not one transform for the whole batch
+
+
+def _dihedral(img: torch.Tensor) -> list[torch.Tensor]:
+    out = []
+    for t in (img, img.transpose(-1, -2)):
+        out += [t, t.flip(-1), t.flip(-2), t.flip(-1).flip(-2)]
+    return out
+
+
+def test_pixel_autoencoder_works_at_its_own_side() -> None:
+    from engines.methods.autoencoder.method import network
+    from engines.model import ModelSpec
+
+    net = network(ModelSpec(method={"kind": "ae-ssim", "pixel_side": 64}, input_size=[128, 256]))
+    target, recon = net(torch.zeros(2, 3, 128, 256))
+    assert target.shape == recon.shape == (2, 3, 32, 64)                 # the longer side at pixel_side
+    with pytest.raises(ValidationError, match="multiple of 16"):
+        ModelConfig(method={"kind": "ae-l2", "pixel_side": 100})

@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 
     from engines.model import ModelSpec
 
-__all__ = ["METHODS", "FitContext", "FitData", "Fitted", "MethodSettings", "TrainedSettings"]
+__all__ = ["METHODS", "FitContext", "FitData", "Fitted", "MethodSettings", "TrainedSettings", "ValidationSet"]
 
 METHODS = Registry("engines.methods", "method")
 
@@ -81,6 +81,19 @@ class FitData(Protocol):
 
 
 @dataclass
+class ValidationSet:
+    """Model inputs with known defects and no real one: held-out good images and synthetic defects
+    made from them (calibration builds it; engines must not import the generator's layer). A
+    trained method stops on how well it finds these."""
+
+    images: "torch.Tensor"             # uint8 (N, H, W, 3) BGR model inputs (images or tiles)
+    masks: "torch.Tensor"              # bool (N, H, W): True where a defect was made; all False: good
+
+    def __len__(self) -> int:
+        return int(self.images.shape[0])
+
+
+@dataclass
 class FitContext:
     train: FitData                     # the images to fit on
     held_out: FitData                  # good images kept out of the fit (validation, early stopping)
@@ -88,6 +101,7 @@ class FitContext:
     weights: Path | None = None        # the backbone's weights file (ResNets)
     batch_size: int = 8
     progress: bool = True
+    validation: ValidationSet | None = None  # synthetic defects on held-out images: the stopping criterion
 
 
 @dataclass

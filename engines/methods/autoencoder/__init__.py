@@ -1,21 +1,42 @@
 """Convolutional autoencoders (``ae-l2``, ``ae-ssim``): anomaly = what the reconstruction misses.
 
-On pixels (an encoder-decoder with a dense bottleneck) or on backbone features (a per-position
-channel bottleneck, as in DFR). ``ae-l2`` scores the squared residual, ``ae-ssim`` 1 - SSIM
-(Bergmann et al.): SSIM finds structural defects, such as a fine crack in a texture, that a
-blurry L2 residual misses.
+On pixels, Bergmann et al.'s architecture (VISAPP 2019, the MVTec AD paper's AE baselines): a
+convolutional encoder to a dense latent and its mirror, at a moderate working side (128 px);
+``ae-l2`` scores the squared residual per pixel, ``ae-ssim`` 1 - SSIM (11 px Gaussian window),
+which finds structural defects, such as a fine crack in a texture, that a blurry L2 residual
+misses. Meant for aligned objects and regular textures at moderate resolution.
+
+On backbone features (DFR-like, Shi et al. 2021): a per-position channel bottleneck over the
+standardised, 3x3-aggregated features; the residual is computed on the feature grid. Suits
+textured parts and parts whose pose varies, like the other feature methods. See
+docs/engines.md for where each variant fits.
 """
 from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 
 from engines.methods import TrainedSettings, plugin
 
 
 class AutoencoderSettings(TrainedSettings):
+    epochs: int = Field(60, ge=1, description="upper bound; training stops earlier on the validation criterion")
+    patience: int = Field(8, ge=1, description="epochs without validation improvement before stopping")
+    latent_dim: int | None = Field(None, ge=1, description="bottleneck size; default: 100 on pixels (Bergmann "
+                                                           "et al.), a quarter of the feature channels on features")
     on_features: bool = Field(False, description="reconstruct backbone features instead of pixels")
+    pixel_side: int = Field(128, ge=32, le=1024, description="pixels: the side the autoencoder works at (the input "
+                                                             "is resized to it inside the graph); a multiple of 16")
+    augment: bool = Field(True, description="pixels: random mirroring and quarter turns of training images (the "
+                                            "MVTec AD paper's augmentation); off for parts with a fixed orientation")
+
+    @field_validator("pixel_side")
+    @classmethod
+    def _pixel_side(cls, v: int) -> int:
+        if v % 16:
+            raise ValueError(f"expected a multiple of 16, got {v}")
+        return v
 
 
 class AeL2Settings(AutoencoderSettings):

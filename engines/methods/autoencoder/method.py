@@ -1,10 +1,16 @@
 """The autoencoders' networks, residual head and fit.
 
-Engine outputs are ``[target, reconstruction]``: on pixels the normalised image and its
-reconstruction, on features the backbone features and theirs; the head compares the two. The
-encoder and decoder are shared with the GANs (the decoder is their generator). Training loss
-is the head's own residual, so the network learns to make exactly the map that scores it
-small on good parts; validation is the same loss on the held-out good images.
+Engine outputs are ``[target, reconstruction]``: on pixels the normalised image at the working
+side and its reconstruction, on features the standardised backbone features and theirs; the
+head compares the two, as each paper does: the squared error per position (``ae-l2``), or
+1 - SSIM with Gaussian-weighted local statistics (``ae-ssim``; 11 px, sigma 1.5 on pixels as
+Bergmann et al.; 5 cells on the 8x coarser feature grid). Training loss is the head's own
+residual, so the network learns to make exactly the map that scores it small on good parts.
+Training stops on synthetic defects among held-out good images (engines/validation.py), or on
+the held-out residual when calibration gives none.
+
+``Encoder``/``Decoder`` (a dense-latent pair) are the GANs' building blocks (``gan``; the
+decoder is ALGAN's pixel generator); the pixel autoencoder is Bergmann et al.'s own network.
 """
 from __future__ import annotations
 
@@ -19,7 +25,8 @@ from engines.graph import feature_network, pretrained_graph
 from engines.methods import FitContext, Fitted
 from engines.methods.autoencoder import AutoencoderSettings
 from engines.model import ModelSpec
-from engines.training import batched, fit_loop, load_all, seed_everything, train_device
+from engines.training import batched, fit_loop, load_all, seed_everything, standardise, train_device
+from engines.validation import prepare_validation
 
 # SSIM window: 11 px, sigma 1.5 on pixels (Wang et al.); a feature grid is 8x coarser, so 5 cells.
 PIXEL_WINDOW, FEATURE_WINDOW = (11, 1.5), (5, 1.0)
@@ -77,19 +84,58 @@ def check_size(hw: tuple[int, int], levels: int) -> None:
         raise ValueError(f"model.input_size {list(hw)}: this network needs multiples of {s}")
 
 
-class PixelAutoencoder(nn.Module):
-    """Normalised image -> [the image, its reconstruction]: the head compares the two."""
+# Bergmann et al. (2019), Table 1, at a 128 px working side: (out channels, kernel, stride) of the
+# encoder's convolutions; the dense layer to the latent stands for their last 8x8 convolution
+# (the same map at any working side). The decoder mirrors it.
+BERGMANN_ENCODER = ((32, 4, 2), (32, 4, 2), (32, 3, 1), (64, 4, 2), (64, 3, 1), (128, 4, 2), (64, 3, 1), (32, 3, 1))
+BERGMANN_STRIDE = 16
+FEATURE_AGGREGATE = 3  # 3x3 local average of the taps, as the other feature methods' neighbourhoods
 
-    def __init__(self, hw: tuple[int, int], latent_dim: int, channels: tuple[int, ...] = PIXEL_CHANNELS) -> None:
+
+def _conv(c_in: int, c_out: int, k: int, s: int, transposed: bool = False) -> nn.Module:
+    if transposed and s > 1:
+        return nn.ConvTranspose2d(c_in, c_out, k, stride=s, padding=1)
+    return nn.Conv2d(c_in, c_out, k, stride=s, padding=1)
+
+
+class PixelAutoencoder(nn.Module):
+    """Normalised image -> [the image at the working size, its reconstruction]: Bergmann et al.'s
+    convolutional autoencoder with a dense latent."""
+
+    def __init__(self, input_hw: tuple[int, int], side: int, latent_dim: int) -> None:
         super().__init__()
-        check_size(hw, len(channels))
-        self.encoder = Encoder(3, hw, channels, latent_dim)
-        self.decoder = Decoder(3, hw, channels, latent_dim)
+        scale = min(1.0, side / max(input_hw))  # never larger than the input
+        self.work_hw = tuple(max(BERGMANN_STRIDE, int(round(n * scale / BERGMANN_STRIDE)) * BERGMANN_STRIDE)
+                             for n in input_hw)
+        enc: list[nn.Module] = []
+        c = 3
+        for out, k, s in BERGMANN_ENCODER:
+            enc += [_conv(c, out, k, s), nn.LeakyReLU(0.2)]
+            c = out
+        self.encoder = nn.Sequential(*enc)
+        self.start = (c, self.work_hw[0] // BERGMANN_STRIDE, self.work_hw[1] // BERGMANN_STRIDE)
+        self.to_latent = nn.Linear(math.prod(self.start), latent_dim)
+        self.from_latent = nn.Linear(latent_dim, math.prod(self.start))
+        dec: list[nn.Module] = []
+        layers = list(BERGMANN_ENCODER)
+        ins = [3] + [out for out, _, _ in layers[:-1]]
+        for (out, k, s), c_in in zip(reversed(layers), reversed(ins)):
+            dec += [nn.LeakyReLU(0.2), _conv(out, c_in, k, s, transposed=True)]
+        self.decoder = nn.Sequential(*dec)
+
+    def shrink(self, x: torch.Tensor) -> torch.Tensor:
+        """The model input at the working size (bilinear; at a factor of 2 that is the 2x2 mean)."""
+        if tuple(x.shape[-2:]) == self.work_hw:
+            return x
+        return F.interpolate(x, size=self.work_hw, mode="bilinear", align_corners=False)
 
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        return self.decoder(self.encoder(x))
+        z = self.to_latent(self.encoder(x).flatten(1))
+        # -1 keeps the batch axis dynamic in the exported graph.
+        return self.decoder(self.from_latent(z).view(-1, *self.start))
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x = self.shrink(x)
         return x, self.reconstruct(x)
 
 
@@ -109,27 +155,42 @@ class FeatureCoder(nn.Module):
 
 
 class FeatureAutoencoder(nn.Module):
-    """Normalised image -> [backbone features, their reconstruction]."""
+    """Normalised image -> [standardised backbone features, their reconstruction]."""
 
     def __init__(self, features: FeatureNet, latent_dim: int) -> None:
         super().__init__()
         self.features = features
-        self.coder = FeatureCoder(features.channels, latent_dim)
+        c = features.channels
+        # Per-channel mean and spread of good features (set by fit): every channel counts alike
+        # in the residual, not the loudest ones.
+        self.register_buffer("feature_mean", torch.zeros(1, c, 1, 1))
+        self.register_buffer("feature_std", torch.ones(1, c, 1, 1))
+        self.coder = FeatureCoder(c, latent_dim)
+
+    def shrink(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalised image -> standardised features (the frozen part)."""
+        return (self.features(x) - self.feature_mean) / self.feature_std
 
     def reconstruct(self, f: torch.Tensor) -> torch.Tensor:
         return self.coder(f)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        f = self.features(x)
+        f = self.shrink(x)
         return f, self.coder(f)
+
+
+def latent_size(settings: AutoencoderSettings, channels: int = 3) -> int:
+    if settings.latent_dim is not None:
+        return settings.latent_dim
+    return max(1, channels // 4) if settings.on_features else 100
 
 
 def network(spec: ModelSpec, pretrained: bool = False, weights: str | None = None) -> nn.Module:
     settings: AutoencoderSettings = spec.method
     if settings.on_features:
-        features = feature_network(spec, pool=1, pretrained=pretrained, weights=weights)
-        return FeatureAutoencoder(features, settings.latent_dim)
-    return PixelAutoencoder(spec.input_hw, settings.latent_dim, PIXEL_CHANNELS)
+        features = feature_network(spec, pool=FEATURE_AGGREGATE, pretrained=pretrained, weights=weights)
+        return FeatureAutoencoder(features, latent_size(settings, features.channels))
+    return PixelAutoencoder(spec.input_hw, settings.pixel_side, latent_size(settings))
 
 
 def head(spec: ModelSpec, tensors: dict[str, torch.Tensor]) -> nn.Module:
@@ -199,31 +260,38 @@ def fit(spec: ModelSpec, context: FitContext) -> Fitted:
     graph = pretrained_graph(spec, network, context.weights, device)
     engine = graph.network
     if t.on_features:
-        # The frozen backbone runs once per image; training sees only its features.
-        prepare = lambda x: engine.features(graph.normalise(x))  # noqa: E731
-        data_range_of = feature_range
+        # The frozen backbone runs once per image; training sees only its standardised features.
+        data = load_all(context.train, "features", lambda x: engine.features(graph.normalise(x)), device)
+        data, mean, std = standardise(data)
+        engine.feature_mean.copy_(mean.to(device))
+        engine.feature_std.copy_(std.to(device))
+        data_range = feature_range(data)
     else:
-        prepare = graph.normalise
-        data_range_of = lambda _: 255.0 / float(min(NORMALISATION[spec.backbone][1]))  # noqa: E731
-    data = load_all(context.train, "inputs", prepare, device)
+        data = load_all(context.train, "images", lambda x: engine.shrink(graph.normalise(x)), device)
+        data_range = 255.0 / float(min(NORMALISATION[spec.backbone][1]))
+    prepare = lambda x: engine.shrink(graph.normalise(x))  # noqa: E731
     held = load_all(context.held_out, "inputs (held out)", prepare, device)
-    data_range = data_range_of(data)
+    validation = (prepare_validation(context.validation, prepare, context.batch_size, device)
+                  if context.validation is not None and len(context.validation) else None)
     head_module = ResidualHead(t, data_range).to(device)
     trained = engine.coder if t.on_features else engine
+    augment = t.augment and not t.on_features
 
     def residual(x: torch.Tensor) -> torch.Tensor:
         return head_module([x, engine.reconstruct(x)])
 
-    opt = torch.optim.Adam(trained.parameters(), lr=t.lr)
+    opt = torch.optim.Adam(trained.parameters(), lr=t.lr, weight_decay=1e-5)
 
     def step(x: torch.Tensor) -> dict[str, float]:
-        value = residual(x).mean()
+        value = residual(mirror_and_turn(x, gen) if augment else x).mean()
         opt.zero_grad(set_to_none=True)
         value.backward()
         opt.step()
         return {"loss": value.item()}
 
     def criterion() -> float:
+        if validation is not None:
+            return validation.error(residual, context.batch_size, device)
         total = sum(float(residual(x).mean()) * len(x) for x in batched(held, t.batch_size, device))
         return total / len(held)
 
@@ -231,7 +299,20 @@ def fit(spec: ModelSpec, context: FitContext) -> Fitted:
                    f"{t.kind} training", context.progress, t.max_minutes * 60)
     state = {k: v.detach().cpu().contiguous() for k, v in graph.cpu().state_dict().items()}
     return Fitted(network_state=state, head_tensors={"data_range": torch.tensor(data_range)},
-                  info={"samples": len(data), **log.to_dict()})
+                  info={"samples": len(data), "validation": "synthetic defects" if validation else "loss",
+                        **log.to_dict()})
+
+
+def mirror_and_turn(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Each image mirrored (either axis) and, when square, turned by a random quarter: the MVTec
+    AD paper's augmentation of its autoencoders' training images."""
+    b = len(x)
+    draws = torch.rand(b, 3, generator=gen).to(x.device)
+    x = torch.where((draws[:, 0] < 0.5).view(b, 1, 1, 1), x.flip(-1), x)
+    x = torch.where((draws[:, 1] < 0.5).view(b, 1, 1, 1), x.flip(-2), x)
+    if x.shape[-1] == x.shape[-2]:
+        x = torch.where((draws[:, 2] < 0.5).view(b, 1, 1, 1), x.transpose(-1, -2), x)
+    return x
 
 
 def feature_range(data: torch.Tensor) -> float:
