@@ -130,8 +130,9 @@ class FolderSource(FrameSource):
         """Log and count each skipped path once while it stays: a watch lists it at every poll."""
         for path, why in skipped.items():
             if path not in self._skipping:
-                self._stats.skipped += 1
+                # Logged before counted: whoever sees the count also finds the line.
                 log.warning("source %s: skipping %s: %s", self.name, path, why)
+                self._stats.skipped += 1
         self._skipping = set(skipped)
 
     def _matches(self, name: str) -> bool:
