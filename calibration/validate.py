@@ -62,7 +62,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="synthetic defects made from the held-out images")
     p.add_argument("--holdout", type=float, default=defaults["holdout"].default,
                    help="model.holdout the bundle was calibrated with")
-    p.add_argument("--seed", type=int, default=defaults["seed"].default, help="model.seed the bundle was calibrated with")
+    p.add_argument("--seed", type=int, default=defaults["seed"].default,
+                   help="model.seed the bundle was calibrated with")
     p.add_argument("--json", action="store_true", help="print JSON")
     args = p.parse_args(argv)
     if args.defects < 1:
