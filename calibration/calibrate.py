@@ -160,15 +160,20 @@ def validation_set(good: list[np.ndarray], n: int, spec: ModelSpec, seed: int) -
     """Held-out good images and ``n`` synthetic defects made from them (calibration/defects.py), as
     model inputs: what trained methods stop on, so that no real defect chooses the epoch. A seed of
     its own keeps these defects apart from the threshold's ``synthetic_defects``."""
-    from calibration.defects import synthesize_defects
-
-    pairs = [(img, np.zeros(img.shape[:2], bool)) for img in good]
-    pairs += synthesize_defects(good, n, np.random.default_rng([seed, 1]))
     images, masks = [], []
-    for img, mask in pairs:
+    for img, mask in validation_pairs(good, n, seed):
         images += model_inputs(img, spec.input_hw, spec.tiling)
         masks += [m > 127 for m in model_inputs(mask.astype(np.uint8) * 255, spec.input_hw, spec.tiling)]
     return ValidationSet(torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(masks)))
+
+
+def validation_pairs(good: list[np.ndarray], n: int, seed: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(frame, bool defect mask): the held-out good images (empty masks), then ``n`` synthetic
+    defects made from them, kinds in turn (calibration/defects.py ``KINDS``)."""
+    from calibration.defects import synthesize_defects
+
+    pairs = [(img, np.zeros(img.shape[:2], bool)) for img in good]
+    return pairs + synthesize_defects(good, n, np.random.default_rng([seed, 1]))
 
 
 def _swap_in(new: Path, out: Path) -> None:

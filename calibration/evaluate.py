@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -12,10 +13,12 @@ import numpy as np
 from tqdm import tqdm
 
 from calibration.data import read_image, read_mask, test_samples
-from calibration.metrics import compute_metrics
+from calibration.metrics import GOOD, compute_metrics
 from calibration.report import write_report
 from engines.bundle import Bundle
 from engines.pipeline import Pipeline
+
+Frame = tuple[str, str, np.ndarray, np.ndarray]  # name, defect type ("good"), BGR image, bool mask
 
 
 @dataclass
@@ -48,13 +51,23 @@ def eval_size(bundle: Bundle, first_image_hw: tuple[int, int], longest: int = 51
 
 
 def evaluate(bundle: Bundle, pipeline: Pipeline, data: Path, progress: bool = True) -> Evaluation:
+    """The bundle on DATA/test (masks from DATA/ground_truth)."""
     samples = test_samples(data)
+    frames = ((f"{s.defect_type}/{s.path.name}", s.defect_type, img, read_mask(s, img.shape[:2]))
+              for s in samples for img in [read_image(s.path)])
+    return evaluate_frames(bundle, pipeline, frames, len(samples), progress)
+
+
+def evaluate_frames(bundle: Bundle, pipeline: Pipeline, frames: Iterable[Frame], n: int,
+                    progress: bool = True) -> Evaluation:
+    """The bundle on ``n`` labelled frames (name, defect type or "good", BGR image, bool mask),
+    read one at a time: DATA/test, or held-out good images with synthetic defects (calibration/validate.py)."""
     size: tuple[int, int] | None = None
-    scores, maps, masks, images = [], [], [], []
+    scores, maps, masks, images, names, types = [], [], [], [], [], []
     raw_scores, raw_maps = [], []  # before the object mask, where there is one
     elapsed = 0.0
-    for s in tqdm(samples, desc="evaluate", unit="img", disable=not progress, leave=False):
-        img = read_image(s.path)
+    for name, defect_type, img, mask in tqdm(frames, total=n, desc="evaluate", unit="img", disable=not progress,
+                                             leave=False):
         size = size or eval_size(bundle, img.shape[:2])
         t = time.perf_counter()
         fs = pipeline.score_frame(img)
@@ -64,21 +77,22 @@ def evaluate(bundle: Bundle, pipeline: Pipeline, data: Path, progress: bool = Tr
         if fs.unmasked is not None:
             raw_maps.append(cv2.resize(fs.unmasked[0], (size[1], size[0]), interpolation=cv2.INTER_LINEAR))
             raw_scores.append(fs.unmasked[1])
-        mask = read_mask(s, img.shape[:2]).astype(np.uint8)
-        masks.append(cv2.resize(mask, (size[1], size[0]), interpolation=cv2.INTER_NEAREST).astype(bool))
+        masks.append(cv2.resize(mask.astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
+                     .astype(bool))
         images.append(cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_AREA))
-    labels = np.array([s.label for s in samples])
+        names.append(name)
+        types.append(defect_type)
+    labels = np.array([int(t != GOOD) for t in types])
     maps_arr = np.stack(maps).astype(np.float32)
     masks_arr = np.stack(masks)
-    types = [s.defect_type for s in samples]
     metrics = compute_metrics(np.array(scores), labels, maps_arr, masks_arr, types, progress=progress)
     mask = None
     if pipeline.mask is not None:
         without = compute_metrics(np.array(raw_scores), labels, np.stack(raw_maps).astype(np.float32), masks_arr,
                                   types)
         mask = _mask_info(bundle, pipeline, without["overall"].to_dict())
-    return Evaluation(metrics, np.array(scores), labels, maps_arr, masks_arr, images,
-                      [f"{s.defect_type}/{s.path.name}" for s in samples], 1000.0 * elapsed / len(samples), mask)
+    return Evaluation(metrics, np.array(scores), labels, maps_arr, masks_arr, images, names,
+                      1000.0 * elapsed / len(scores), mask)
 
 
 def _mask_info(bundle: Bundle, pipeline: Pipeline, without: dict[str, Any]) -> dict[str, Any]:
