@@ -87,7 +87,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, Protocol
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion
@@ -236,8 +236,14 @@ def last_ng_topic(cfg: MqttConfig) -> str:
     return f"{image_root(cfg)}/last_ng"
 
 
-def read_password(cfg: MqttConfig) -> str | None:
-    """The broker password from ``password_file`` or ``password_env``; None when neither is set."""
+class PasswordSource(Protocol):
+    """Settings that name where a password comes from (the broker's, the OPC UA server's)."""
+    password_file: Any
+    password_env: str | None
+
+
+def read_password(cfg: PasswordSource) -> str | None:
+    """The password from ``password_file`` or ``password_env``; None when neither is set."""
     if cfg.password_file is not None:
         try:
             lines = Path(cfg.password_file).read_text().splitlines()

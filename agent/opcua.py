@@ -43,6 +43,7 @@ from urllib.parse import urlparse
 
 from pydantic import Field, model_validator
 
+from agent.mqtt import read_password
 from agent.sources.trigger import TriggerRequest
 from agent.verdict import Inspection, Verdict
 from engines.settings import ConfigPath, SettingError, Settings
@@ -83,20 +84,6 @@ class OpcuaSettings(Settings):
         if self.username is not None and self.password_file is None and self.password_env is None:
             raise SettingError("password_file", "give the user's password: password_file or password_env")
         return self
-
-
-def read_password(cfg: OpcuaSettings) -> str | None:
-    if cfg.password_file is not None:
-        try:
-            lines = Path(cfg.password_file).read_text().splitlines()
-        except OSError as e:
-            raise SettingError("password_file", f"cannot read {cfg.password_file}: {e.strerror}") from None
-        return lines[0] if lines else ""
-    if cfg.password_env is not None:
-        if cfg.password_env not in os.environ:
-            raise SettingError("password_env", f"environment variable {cfg.password_env} is not set")
-        return os.environ[cfg.password_env]
-    return None
 
 
 def check_files(cfg: OpcuaSettings) -> None:

@@ -175,6 +175,20 @@ def pipeline(bundle, backend: str = "torch", use_mask: bool = True, **runtime: o
     return Pipeline(bundle, open_backend(bundle, settings)[0], settings, use_mask=use_mask)
 
 
+def assert_runtime_parity(bundle, images: list, backend: str, rtol: float, **runtime: object) -> None:
+    """``backend`` scores ``images`` as the torch reference does: image scores within ``rtol``, maps within
+    ``rtol`` relative to the largest score (near-zero map values carry no relative meaning)."""
+    import numpy as np
+
+    r, o = pipeline(bundle, "torch").score(images), pipeline(bundle, backend, **runtime).score(images)
+    ref_scores = np.array([f.score for f in r])
+    assert np.all(np.isfinite(ref_scores)) and ref_scores.max() > 0
+    np.testing.assert_allclose([f.score for f in o], ref_scores, rtol=rtol)
+    for a, b in zip(r, o):
+        assert a.map.shape == b.map.shape == images[0].shape[:2]
+        np.testing.assert_allclose(b.map, a.map, rtol=rtol, atol=rtol * ref_scores.max())
+
+
 def source_settings(**values: object):
     """The typed settings of a source kind, e.g. ``source_settings(kind="folder", path=p)``."""
     from agent.sources import SOURCES

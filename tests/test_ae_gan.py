@@ -8,7 +8,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -20,7 +19,7 @@ from calibration.data import read_image, test_samples as list_test_samples, trai
 from calibration.evaluate import evaluate
 from calibration.images import TrainImages
 from calibration.settings import ModelConfig
-from conftest import pipeline, small_model_config
+from conftest import assert_runtime_parity, pipeline, small_model_config
 from engines.methods import FitContext, implementation
 from engines.methods.autoencoder.method import gaussian_window, l2_residual, ssim_map, ssim_residual
 from engines.tiling import TilingConfig
@@ -153,13 +152,7 @@ def test_training_is_reproducible_from_the_seed(sample_data: Path) -> None:
 def test_cpu_runtimes_match_torch_reference(bundles: dict, sample_data: Path, name: str, backend: str) -> None:
     bundle = bundles[name]
     images = [read_image(s.path) for s in list_test_samples(sample_data)]
-    r, o = pipeline(bundle, "torch").score(images), pipeline(bundle, backend, threads=1).score(images)
-    ref_scores = np.array([f.score for f in r])
-    assert np.all(np.isfinite(ref_scores)) and ref_scores.max() > 0
-    np.testing.assert_allclose([f.score for f in o], ref_scores, rtol=PARITY_RTOL)
-    for a, b in zip(r, o):
-        assert a.map.shape == b.map.shape == images[0].shape[:2]
-        np.testing.assert_allclose(b.map, a.map, rtol=PARITY_RTOL, atol=PARITY_RTOL * ref_scores.max())
+    assert_runtime_parity(bundle, images, backend, PARITY_RTOL, threads=1)
 
 
 @pytest.mark.parametrize("name", [v[0] for v in VARIANTS])

@@ -15,7 +15,7 @@ from agent.inspector import Inspector
 from calibration.calibrate import calibrate, split_train
 from calibration.data import read_image, test_samples as list_test_samples, train_samples
 from calibration.images import TrainImages
-from conftest import pipeline, small_model_config
+from conftest import assert_runtime_parity, pipeline, small_model_config
 from engines.bundle import Bundle
 from engines.methods import FitContext, implementation
 from engines.methods.gan.corruption import corrupt, defect_mask
@@ -131,13 +131,7 @@ def test_coarse_pass_blends_the_whole_frame_into_the_tiled_map(bundles: dict, sa
 def test_cpu_runtimes_match_torch_reference(bundles: dict, sample_data: Path, name: str, backend: str) -> None:
     bundle = bundles[name]
     images = [read_image(s.path) for s in list_test_samples(sample_data)]
-    r, o = pipeline(bundle, "torch").score(images), pipeline(bundle, backend, threads=1).score(images)
-    ref_scores = np.array([f.score for f in r])
-    assert np.all(np.isfinite(ref_scores)) and ref_scores.max() > 0
-    np.testing.assert_allclose([f.score for f in o], ref_scores, rtol=PARITY_RTOL)
-    for a, b in zip(r, o):
-        assert a.map.shape == b.map.shape == images[0].shape[:2]
-        np.testing.assert_allclose(b.map, a.map, rtol=PARITY_RTOL, atol=PARITY_RTOL * ref_scores.max())
+    assert_runtime_parity(bundle, images, backend, PARITY_RTOL, threads=1)
 
 
 def test_runs_in_the_agent(bundles: dict, sample_data: Path) -> None:

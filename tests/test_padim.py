@@ -15,7 +15,7 @@ import torch
 from calibration.data import read_image, test_samples as list_test_samples
 from engines.bundle import BundleError, load_bundle
 from engines.mahalanobis import GaussianAccumulator, MahalanobisHead
-from conftest import pipeline
+from conftest import assert_runtime_parity, pipeline
 from engines.runtimes import open_backend
 
 REPO = Path(__file__).resolve().parents[1]
@@ -78,11 +78,7 @@ def test_altered_tensor_file_is_refused(padim_bundle, tmp_path: Path) -> None:
 @pytest.mark.parametrize("backend", ["onnxruntime", "openvino"])
 def test_cpu_runtimes_match_torch_reference(padim_bundle, sample_data: Path, backend: str) -> None:
     images = [read_image(s.path) for s in list_test_samples(sample_data)]
-    r, o = pipeline(padim_bundle, "torch").score(images), pipeline(padim_bundle, backend).score(images)
-    ref_scores = np.array([f.score for f in r])
-    np.testing.assert_allclose([f.score for f in o], ref_scores, rtol=PARITY_RTOL)
-    for a, b in zip(r, o):
-        np.testing.assert_allclose(b.map, a.map, rtol=PARITY_RTOL, atol=PARITY_RTOL * ref_scores.max())
+    assert_runtime_parity(padim_bundle, images, backend, PARITY_RTOL)
 
 
 def test_auto_backend_without_cuda_times_the_cpu_runtimes(padim_bundle) -> None:

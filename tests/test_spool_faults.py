@@ -2,7 +2,6 @@
 time. The spool degrades, the publisher goes on, and both recover by themselves."""
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
@@ -21,6 +20,7 @@ import pytest
 from agent.mqtt import image_root, image_topic
 from agent.spool import Message, Spool, SpoolWriteError
 
+from conftest import fill
 from mqtt_client import PREFIX, subscribers, wait_until  # noqa: F401  (fixture)
 from test_mqtt import config, make_inspection, publishers, verdict_only  # noqa: F401  (fixture)
 
@@ -41,18 +41,6 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     finally:
         # Lazy: a test that failed half-way may still hold the spool open.
         subprocess.run(["umount", "--lazy", str(folder)], check=True)
-
-
-def fill(folder: Path) -> Path:
-    """Write a file until the filesystem is full; unlink it to give the space back."""
-    filler = folder / "filler"
-    with open(filler, "wb", buffering=0) as f:
-        try:
-            while True:
-                f.write(bytes(4096))
-        except OSError as e:
-            assert e.errno == errno.ENOSPC, e
-    return filler
 
 
 def rows(path: Path) -> int:
