@@ -14,47 +14,12 @@ import torch
 import torch.nn.functional as F
 
 from engines.methods import ValidationSet
+from engines.ranking import average_precision, roc_auc
 
-__all__ = ["PreparedValidation", "auroc", "average_precision", "prepare_validation"]
+__all__ = ["PreparedValidation", "prepare_validation"]
 
 # Masks are compared at this side at most: pixel AP over 10^6 values per epoch, not 10^7.
 _MASK_SIDE = 128
-
-
-def auroc(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Area under the ROC curve (Mann-Whitney U with average ranks for ties)."""
-    labels = labels.bool().flatten()
-    pos, neg = int(labels.sum()), int((~labels).sum())
-    if not pos or not neg:
-        return float("nan")
-    ranks = _average_ranks(scores.flatten().double())
-    return float((ranks[labels].sum() - pos * (pos + 1) / 2) / (pos * neg))
-
-
-def average_precision(scores: torch.Tensor, labels: torch.Tensor) -> float:
-    """Average precision (area under the precision-recall curve, step-wise, as scikit-learn's)."""
-    labels = labels.bool().flatten()
-    pos = int(labels.sum())
-    if not pos:
-        return float("nan")
-    order = torch.argsort(scores.flatten(), descending=True, stable=True)
-    hits = labels[order].double()
-    precision = hits.cumsum(0) / torch.arange(1, len(hits) + 1, dtype=torch.float64)
-    return float((precision * hits).sum() / pos)
-
-
-def _average_ranks(x: torch.Tensor) -> torch.Tensor:
-    order = torch.argsort(x, stable=True)
-    sorted_x = x[order]
-    first = torch.ones_like(sorted_x, dtype=torch.bool)
-    first[1:] = sorted_x[1:] != sorted_x[:-1]
-    group = first.cumsum(0) - 1
-    counts = torch.bincount(group).double()
-    ends = counts.cumsum(0)
-    mean_rank = ends - (counts - 1) / 2            # ranks from 1: average of a tie group's ranks
-    ranks = torch.empty_like(x)
-    ranks[order] = mean_rank[group]
-    return ranks
 
 
 @dataclass
@@ -75,8 +40,10 @@ class PreparedValidation:
             maps.append(F.interpolate(m[:, None], size=self.masks.shape[-2:], mode="bilinear",
                                       align_corners=False)[:, 0].cpu())
         scores = torch.cat(maps)
-        image = auroc(scores.flatten(1).amax(1), self.labels)
-        pixel = average_precision(scores, self.masks)
+        image = roc_auc(scores.flatten(1).amax(1).numpy(), self.labels.flatten().numpy())
+        pixel = average_precision(scores.flatten().numpy(), self.masks.flatten().numpy())
+        if image is None or pixel is None:  # a set without defects or without good images
+            return float("nan")
         return 1.0 - (image + pixel) / 2
 
 

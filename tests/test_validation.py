@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from sklearn import metrics as sk
@@ -15,7 +14,8 @@ from conftest import small_model_config
 from engines.methods import ValidationSet
 from engines.model import ModelSpec
 from engines.tiling import TilingConfig
-from engines.validation import auroc, average_precision, prepare_validation
+from engines.ranking import average_precision, roc_auc as auroc
+from engines.validation import prepare_validation
 
 
 def test_metrics_match_scikit_learn() -> None:
