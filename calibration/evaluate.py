@@ -74,9 +74,9 @@ def evaluate_frames(bundle: Bundle, pipeline: Pipeline, frames: Iterable[Frame],
         elapsed += time.perf_counter() - t
         scores.append(fs.score)
         maps.append(cv2.resize(fs.map, (size[1], size[0]), interpolation=cv2.INTER_LINEAR))
-        if fs.unmasked is not None:
-            raw_maps.append(cv2.resize(fs.unmasked[0], (size[1], size[0]), interpolation=cv2.INTER_LINEAR))
-            raw_scores.append(fs.unmasked[1])
+        if fs.unmasked_map is not None:
+            raw_maps.append(cv2.resize(fs.unmasked_map, (size[1], size[0]), interpolation=cv2.INTER_LINEAR))
+            raw_scores.append(fs.unmasked_score)
         masks.append(cv2.resize(mask.astype(np.uint8), (size[1], size[0]), interpolation=cv2.INTER_NEAREST)
                      .astype(bool))
         images.append(cv2.resize(img, (size[1], size[0]), interpolation=cv2.INTER_AREA))

@@ -63,7 +63,13 @@ class FrameScore:
     score: float                    # the image score (see the module docstring)
     frame_hw: tuple[int, int]       # the frame's size; map pixels scale to it by frame_hw / map.shape
     timings_ms: dict[str, float] = field(default_factory=dict)
-    unmasked: tuple[np.ndarray, float] | None = None  # with an object mask: the map and score before it
+    unmasked_map: np.ndarray | None = None  # with an object mask: the map before it
+    own_score: float | None = None          # the method's own image score before the mask (None: the map's peak)
+
+    @property
+    def unmasked_score(self) -> float:
+        """The image score without the mask; read by evaluate only, so the peak is found on demand."""
+        return self.own_score if self.own_score is not None else float(self.unmasked_map.max())
 
 
 def map_size(frame_hw: tuple[int, int], max_side: int = MAP_MAX_SIDE) -> tuple[int, int]:
@@ -204,8 +210,7 @@ class Pipeline:
         peak = np.unravel_index(int(np.argmax(weighted)), weighted.shape)
         score = float(weighted[peak]) if frame.head_score is None else frame.head_score * float(weights[peak])
         clock.add("mask", (time.perf_counter() - t) * 1000.0)
-        unmasked = score_map.max() if frame.head_score is None else frame.head_score
-        return FrameScore(weighted, score, frame.hw, unmasked=(score_map, float(unmasked)))
+        return FrameScore(weighted, score, frame.hw, unmasked_map=score_map, own_score=frame.head_score)
 
 
 class _Clock:
