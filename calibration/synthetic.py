@@ -21,10 +21,12 @@ _PROGRESS_MIN_IMAGES = 500
 
 
 def synthetic_part(rng: np.random.Generator, size: tuple[int, int] = (256, 256),
-                   defect: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+                   defect: str | None = None, clutter: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """One BGR uint8 image of ``size`` (height, width) and its bool defect mask.
 
-    ``defect`` is None for a good part (all-False mask) or one of DEFECT_KINDS.
+    ``defect`` is None for a good part (all-False mask) or one of DEFECT_KINDS. ``clutter`` puts
+    the part on a belt with loose debris (specks, chips, fibres) at random places around it, good
+    parts included: not defects, but what a model sees off the part, which an object mask is for.
     """
     if defect is not None and defect not in DEFECT_KINDS:
         raise ValueError(f"unknown defect kind {defect!r} (expected one of {', '.join(DEFECT_KINDS)} or None)")
@@ -42,6 +44,8 @@ def synthetic_part(rng: np.random.Generator, size: tuple[int, int] = (256, 256),
     mask = np.zeros((h, w), bool)
     if defect is not None:
         img, mask = _add_defect(rng, img, part, centre, outer, inner, scale, defect)
+    if clutter:  # drawn last: the same seed gives the same part, with or without the belt's debris
+        img = img + _debris(rng, (h, w), scale) * (1 - part)
 
     tint = np.array([1.0, 0.98, 0.94], np.float32)  # a slightly warm grey, as under LED light
     bgr = np.clip(img[..., None] * tint, 0, 255).astype(np.uint8)
@@ -50,12 +54,12 @@ def synthetic_part(rng: np.random.Generator, size: tuple[int, int] = (256, 256),
 
 def write_dataset(root: Path, n_train: int = 60, n_test_good: int = 12, n_test_defect: int = 12,
                   size: tuple[int, int] = (256, 256), seed: int = 0,
-                  progress: bool | None = None) -> Path:
+                  progress: bool | None = None, clutter: bool = False) -> Path:
     """Write an MVTec-layout data set under ``root`` and return ``root``.
 
     ``root/train/good``, ``root/test/good``, ``root/test/<kind>`` and
     ``root/ground_truth/<kind>/<stem>_mask.png`` (0/255). The test defects cycle through
-    DEFECT_KINDS. ``progress`` None shows a bar only for large sets.
+    DEFECT_KINDS. ``progress`` None shows a bar only for large sets; ``clutter``: see synthetic_part.
     """
     root = Path(root)
     jobs: list[tuple[Path, str | None, Path | None]] = []
@@ -73,7 +77,7 @@ def write_dataset(root: Path, n_train: int = 60, n_test_good: int = 12, n_test_d
     streams = np.random.SeedSequence(seed).spawn(len(jobs))
     for (path, kind, mask_path), stream in tqdm(zip(jobs, streams), total=len(jobs), disable=not show,
                                                 desc="synthetic data", unit="img"):
-        img, mask = synthetic_part(np.random.default_rng(stream), size, kind)
+        img, mask = synthetic_part(np.random.default_rng(stream), size, kind, clutter)
         _imwrite(path, img)
         if mask_path is not None:
             _imwrite(mask_path, mask.astype(np.uint8) * 255)
@@ -89,6 +93,30 @@ def _imwrite(path: Path, img: np.ndarray) -> None:
 def _background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     level = rng.uniform(32, 42)
     return level + rng.normal(0, 2.5, (h, w)).astype(np.float32)
+
+
+def _debris(rng: np.random.Generator, shape: tuple[int, int], scale: float) -> np.ndarray:
+    """Loose specks, chips and fibres on the belt, a few per image, anywhere in the frame: the
+    brightness they add (the part hides those that fall under it)."""
+    h, w = shape
+    layer = np.zeros((h, w), np.float32)
+    for _ in range(rng.poisson(6)):
+        at = rng.uniform((0, 0), (w, h))
+        size = rng.uniform(1.5, 5.0) * scale
+        if rng.random() < 0.3:  # a fibre: a thin bent line
+            bend = rng.uniform(-0.5, 0.5)
+            angle = rng.uniform(0, 2 * np.pi) + bend * np.linspace(0, 1, 6)
+            length = size * rng.uniform(4, 8)
+            steps = np.stack([np.cos(angle), np.sin(angle)], axis=1) * length / len(angle)
+            points = at + np.cumsum(steps, axis=0)
+            alpha = _polyline((h, w), points, thickness=1)
+        else:  # a speck or chip: a small filled ellipse, soft-edged
+            alpha = np.zeros((h, w), np.float32)
+            axes = (max(1, int(round(size * 16))), max(1, int(round(size * rng.uniform(0.4, 1.0) * 16))))
+            cv2.ellipse(alpha, (int(at[0] * 16), int(at[1] * 16)), axes, rng.uniform(0, 180), 0, 360, 1.0,
+                        -1, cv2.LINE_AA, shift=4)
+        np.maximum(layer, alpha * rng.uniform(40, 110), out=layer)
+    return layer
 
 
 def _metal(rng: np.random.Generator, h: int, w: int, scale: float,

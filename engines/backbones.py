@@ -76,6 +76,14 @@ class FeatureNet(nn.Module):
         self.channels = sum(backbone.tap_channels[t] for t in spec.taps)
         self.stride = min(backbone.tap_strides[t] for t in spec.taps)
 
+    def grid(self, input_hw: tuple[int, int]) -> tuple[int, int]:
+        """The embedding's (h, w) for an input of ``input_hw`` (the finest tap, stride-2 convs rounding up)."""
+        return (-(-input_hw[0] // self.stride), -(-input_hw[1] // self.stride))
+
+    def statistics_shape(self, input_hw: tuple[int, int], per_position: bool) -> tuple[int, int, int, int]:
+        """Shape of a feature standardisation's mean and std: per channel, or per channel and position."""
+        return (1, self.channels, *(self.grid(input_hw) if per_position else (1, 1)))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         feats = self.backbone(x, self.spec.taps)
         size = feats[0].shape[-2:]

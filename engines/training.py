@@ -68,10 +68,12 @@ def load_all(images: FitData, desc: str, transform: Callable[[torch.Tensor], tor
     return torch.cat(out).clone()
 
 
-def standardise(data: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Features (N, C, h, w) -> (standardised per channel, mean (1, C, 1, 1), std (1, C, 1, 1))."""
-    mean = data.mean((0, 2, 3), keepdim=True)
-    std = data.std((0, 2, 3), keepdim=True).clamp_min(1e-6)
+def standardise(data: torch.Tensor, per_position: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Features (N, C, h, w) -> (standardised, mean, std): per channel, mean and std (1, C, 1, 1);
+    ``per_position``, (1, C, h, w), each position of the grid its own (PaDiM's diagonal)."""
+    dims = (0,) if per_position else (0, 2, 3)
+    mean = data.mean(dims, keepdim=True)
+    std = data.std(dims, keepdim=True).clamp_min(1e-6)
     return (data - mean) / std, mean, std
 
 

@@ -31,11 +31,14 @@ REPO = Path(__file__).resolve().parents[1]
 PARITY_RTOL = 2e-3
 SIZE = [64, 64]
 
-# (name, method, on_features, tiled): every method, the feature variants, and tiles for the GAN.
-VARIANTS = [("ae-l2", "ae-l2", False, False), ("ae-ssim", "ae-ssim", False, False),
-            ("ae-l2-features", "ae-l2", True, False), ("gan", "gan", False, False),
-            ("gan-tiled", "gan", False, True), ("algan", "algan", False, False),
-            ("algan-features", "algan", True, False)]
+# (name, method, on_features, tiled, other settings): every method, the feature variants (features
+# standardised per position: the feature autoencoders' default; per channel: ALGAN's), and tiles for the GAN.
+VARIANTS = [("ae-l2", "ae-l2", False, False, {}), ("ae-ssim", "ae-ssim", False, False, {}),
+            ("ae-l2-features", "ae-l2", True, False, {}), ("gan", "gan", False, False, {}),
+            ("gan-tiled", "gan", False, True, {}), ("algan", "algan", False, False, {}),
+            ("algan-features", "algan", True, False, {}),
+            ("algan-features-by-position", "algan", True, False, {"standardise": "position"})]
+BY_NAME = {v[0]: v for v in VARIANTS}
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -47,9 +50,10 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-def tiny_config(method: str, on_features: bool = False, tiled: bool = False, epochs: int = 2, seed: int = 0):
+def tiny_config(method: str, on_features: bool = False, tiled: bool = False, epochs: int = 2, seed: int = 0,
+                **other: object):
     settings = {"kind": method, "epochs": epochs, "batch_size": 8, "latent_dim": 32, "patience": 2,
-                "lr": 1e-3 if method.startswith("ae") else 2e-4}
+                "lr": 1e-3 if method.startswith("ae") else 2e-4, **other}
     if method != "gan":  # gan reconstructs pixels only; the others default to their own choice
         settings["on_features"] = on_features
     cfg = small_model_config(settings, input_size=list(SIZE), seed=seed)
@@ -61,8 +65,8 @@ def tiny_config(method: str, on_features: bool = False, tiled: bool = False, epo
 @pytest.fixture(scope="module")
 def bundles(sample_data: Path, tmp_path_factory: pytest.TempPathFactory) -> dict:
     root = tmp_path_factory.mktemp("aegan")
-    return {name: calibrate(sample_data, root / name, tiny_config(method, feats, tiled), progress=False)
-            for name, method, feats, tiled in VARIANTS}
+    return {name: calibrate(sample_data, root / name, tiny_config(method, feats, tiled, **other), progress=False)
+            for name, method, feats, tiled, other in VARIANTS}
 
 
 # --- residual maths ---------------------------------------------------------------------------
@@ -158,14 +162,26 @@ def test_cpu_runtimes_match_torch_reference(bundles: dict, sample_data: Path, na
 @pytest.mark.parametrize("name", [v[0] for v in VARIANTS])
 def test_bundle_records_method_settings_and_training(bundles: dict, name: str) -> None:
     m = bundles[name].manifest
-    assert m.method == name.split("-features")[0].split("-tiled")[0]
+    _, method, on_features, _, other = BY_NAME[name]
+    assert m.method == method
     assert m.model.input_size == SIZE and m.model.method.epochs == 2 and m.model.method.latent_dim == 32
-    assert getattr(m.model.method, "on_features", False) == name.endswith("-features")
+    assert getattr(m.model.method, "on_features", False) == on_features
+    assert all(getattr(m.model.method, k) == v for k, v in other.items())
     fit = m.score_stats["fit"]
     assert 1 <= fit["epochs_run"] <= 2 and len(fit["history"]) == fit["epochs_run"]
     assert m.decision.image_threshold > m.decision.center
     for f in m.files:  # safetensors and ONNX only, no pickle
         assert not (bundles[name].path / f).read_bytes().startswith(b"\x80")
+
+
+@pytest.mark.parametrize("name", ["ae-l2-features", "algan-features", "algan-features-by-position"])
+def test_feature_standardisation_is_fitted_per_channel_or_per_position(bundles: dict, name: str) -> None:
+    net = pipeline(bundles[name]).backend.net.engine.network
+    by_position = bundles[name].manifest.model.method.standardise == "position"
+    grid = (SIZE[0] // net.features.stride, SIZE[1] // net.features.stride)
+    assert net.feature_mean.shape == (1, net.features.channels, *(grid if by_position else (1, 1)))
+    if by_position:  # fitted: positions differ (the border's features are not the centre's)
+        assert (net.feature_mean.flatten(2).std(-1) > 1e-3).any()
 
 
 def test_algan_map_is_spatial(bundles: dict, sample_data: Path) -> None:

@@ -93,3 +93,16 @@ def test_defects_are_found_by_a_model_of_good_parts_only(tmp_path):
     samples = data.test_samples(root)
     scores = [nn.kneighbors((_patch_features(s.path) - mu) / sd)[0].max() for s in samples]
     assert roc_auc_score([s.label for s in samples], scores) >= 0.8  # 0.83-1.0 over seeds 0-5; PaDiM does better
+
+
+def test_clutter_adds_debris_off_the_part_only():
+    plain, mask = synthetic_part(np.random.default_rng(5), defect="spot")
+    cluttered, same_mask = synthetic_part(np.random.default_rng(5), defect="spot", clutter=True)
+    assert (mask == same_mask).all()                                # the defect is the same
+    diff = np.abs(cluttered.astype(np.float32) - plain.astype(np.float32)).max(axis=2)
+    h, w = diff.shape
+    yy, xx = np.mgrid[0:h, 0:w]
+    dist = np.hypot(xx - w / 2, yy - h / 2)
+    on_part = (dist < 0.42 * min(h, w) - 6) & (dist > 0.12 * min(h, w) + 6)  # clear of the +-4 px jitter
+    assert diff[on_part].max() == 0                                 # the part is untouched...
+    assert (diff[~on_part] > 30).sum() >= 10                        # ...the belt around it is not

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Protocol
+from typing import TYPE_CHECKING, Any, Iterator, Literal, Protocol
 
 from pydantic import Field
 
@@ -45,6 +45,12 @@ class MethodSettings(PluginSettings):
     def own_image_score(self) -> bool:
         """Whether the head gives an image score of its own (else the image score is the map's peak)."""
         return False
+
+
+# How a feature method standardises backbone features before its model: "channel" (one mean and
+# spread per channel) or "position" (per channel and grid position: the model then sees how far
+# each position is from what that position holds on good parts, PaDiM's diagonal).
+Standardise = Literal["channel", "position"]
 
 
 class TrainedSettings(MethodSettings):

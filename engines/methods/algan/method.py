@@ -79,9 +79,11 @@ class AlganFeatures(nn.Module):
         super().__init__()
         self.features = feature_network(spec, pool=AGGREGATE, pretrained=pretrained, weights=weights)
         c = self.features.channels
-        # Per-channel mean and spread of good features: set by fit, saved with the network weights.
-        self.register_buffer("feature_mean", torch.zeros(1, c, 1, 1))
-        self.register_buffer("feature_std", torch.ones(1, c, 1, 1))
+        # Mean and spread of good features (per channel, or per position too): set by fit, saved
+        # with the network weights.
+        shape = self.features.statistics_shape(spec.input_hw, spec.method.standardise == "position")
+        self.register_buffer("feature_mean", torch.zeros(shape))
+        self.register_buffer("feature_std", torch.ones(shape))
         self.adaptor = nn.Conv2d(c, c, 1)
         with torch.no_grad():  # start as the identity: the noise scale means what it says from step one
             self.adaptor.weight.copy_(torch.eye(c).view(c, c, 1, 1))
@@ -160,7 +162,7 @@ def _fit_features(spec: ModelSpec, context: FitContext) -> Fitted:
     graph = pretrained_graph(spec, network, context.weights, device)
     net: AlganFeatures = graph.network
     raw = lambda x: net.features(graph.normalise(x))  # noqa: E731
-    data, mean, std = standardise(load_all(context.train, "features", raw, device))
+    data, mean, std = standardise(load_all(context.train, "features", raw, device), t.standardise == "position")
     net.feature_mean.copy_(mean.to(device))
     net.feature_std.copy_(std.to(device))
     embed = lambda x: net.embed(graph.normalise(x))  # noqa: E731

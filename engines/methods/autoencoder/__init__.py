@@ -17,7 +17,7 @@ from typing import Literal
 
 from pydantic import Field, field_validator
 
-from engines.methods import TrainedSettings, plugin
+from engines.methods import Standardise, TrainedSettings, plugin
 
 
 class AutoencoderSettings(TrainedSettings):
@@ -26,6 +26,11 @@ class AutoencoderSettings(TrainedSettings):
     latent_dim: int | None = Field(None, ge=1, description="bottleneck size; default: 100 on pixels (Bergmann "
                                                            "et al.), a quarter of the feature channels on features")
     on_features: bool = Field(False, description="reconstruct backbone features instead of pixels")
+    # Per position by default: on synthetic defects of MTD's train/good (never its test set) the
+    # criterion was 0.566 against 0.643 per channel (lower is better).
+    standardise: Standardise = Field("position", description="features: standardise backbone features per "
+                                                             "channel, or per channel and grid position (fixed "
+                                                             "framing: the model sees each position's deviation)")
     pixel_side: int = Field(128, ge=32, le=1024, description="pixels: the side the autoencoder works at (the input "
                                                              "is resized to it inside the graph); a multiple of 16")
     augment: bool = Field(True, description="pixels: random mirroring and quarter turns of training images (the "

@@ -157,14 +157,14 @@ class FeatureCoder(nn.Module):
 class FeatureAutoencoder(nn.Module):
     """Normalised image -> [standardised backbone features, their reconstruction]."""
 
-    def __init__(self, features: FeatureNet, latent_dim: int) -> None:
+    def __init__(self, features: FeatureNet, latent_dim: int, statistics_shape: tuple[int, ...]) -> None:
         super().__init__()
         self.features = features
         c = features.channels
-        # Per-channel mean and spread of good features (set by fit): every channel counts alike
-        # in the residual, not the loudest ones.
-        self.register_buffer("feature_mean", torch.zeros(1, c, 1, 1))
-        self.register_buffer("feature_std", torch.ones(1, c, 1, 1))
+        # Mean and spread of good features, per channel or per position too (set by fit): every
+        # channel counts alike in the residual, not the loudest ones.
+        self.register_buffer("feature_mean", torch.zeros(statistics_shape))
+        self.register_buffer("feature_std", torch.ones(statistics_shape))
         self.coder = FeatureCoder(c, latent_dim)
 
     def shrink(self, x: torch.Tensor) -> torch.Tensor:
@@ -189,7 +189,8 @@ def network(spec: ModelSpec, pretrained: bool = False, weights: str | None = Non
     settings: AutoencoderSettings = spec.method
     if settings.on_features:
         features = feature_network(spec, pool=FEATURE_AGGREGATE, pretrained=pretrained, weights=weights)
-        return FeatureAutoencoder(features, latent_size(settings, features.channels))
+        shape = features.statistics_shape(spec.input_hw, settings.standardise == "position")
+        return FeatureAutoencoder(features, latent_size(settings, features.channels), shape)
     return PixelAutoencoder(spec.input_hw, settings.pixel_side, latent_size(settings))
 
 
@@ -262,7 +263,7 @@ def fit(spec: ModelSpec, context: FitContext) -> Fitted:
     if t.on_features:
         # The frozen backbone runs once per image; training sees only its standardised features.
         data = load_all(context.train, "features", lambda x: engine.features(graph.normalise(x)), device)
-        data, mean, std = standardise(data)
+        data, mean, std = standardise(data, t.standardise == "position")
         engine.feature_mean.copy_(mean.to(device))
         engine.feature_std.copy_(std.to(device))
         data_range = feature_range(data)
