@@ -51,6 +51,8 @@ class MethodSettings(PluginSettings):
 # spread per channel) or "position" (per channel and grid position: the model then sees how far
 # each position is from what that position holds on good parts, PaDiM's diagonal).
 Standardise = Literal["channel", "position"]
+STANDARDISE = ("features: standardise backbone features per channel, or per channel and grid position (fixed "
+               "framing: the model sees each position's deviation)")
 
 
 class TrainedSettings(MethodSettings):

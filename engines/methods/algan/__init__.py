@@ -13,7 +13,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from engines.methods import Standardise, TrainedSettings, plugin
+from engines.methods import STANDARDISE, Standardise, TrainedSettings, plugin
 
 
 class AlganSettings(TrainedSettings):
@@ -36,9 +36,7 @@ class AlganSettings(TrainedSettings):
                                                                     "(random, new each step) a step trains on")
     # Per channel: per position the criterion on synthetic defects of MTD's train/good was 0.617
     # against 0.537 (lower is better).
-    standardise: Standardise = Field("channel", description="features: standardise backbone features per "
-                                                            "channel, or per channel and grid position (fixed "
-                                                            "framing: the model sees each position's deviation)")
+    standardise: Standardise = Field("channel", description=STANDARDISE)
     generator: bool = Field(False, description="features: ALGAN's generator adds fake-normal (z ~ N(0, I)) and "
                                                "pseudo-anomalous (wide z) features to the Gaussian perturbations "
                                                "(off: it lowered detection of synthetic defects on MTD's train/good)")
