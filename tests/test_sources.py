@@ -358,6 +358,19 @@ def test_synthetic_source_gives_count_frames_with_true_masks():
     assert any(f.meta["defect"] for f in frames) and not all(f.meta["defect"] for f in frames)
 
 
+
+def test_synthetic_source_repeats_its_distinct_parts_in_turn():
+    source = open_source(_synthetic(count=10, seed=3, distinct=4))
+    source.start()
+    frames = _drain(source)
+    assert [f.seq for f in frames] == list(range(10)) and len({f.id for f in frames}) == 10
+    for f in frames[4:]:
+        first = frames[f.seq % 4]
+        assert (f.image == first.image).all() and (f.meta["mask"] == first.meta["mask"]).all()
+        assert f.image is not first.image                                 # each frame its own array
+    assert not (frames[0].image == frames[1].image).all()
+
+
 # -- stream --------------------------------------------------------------------------------
 
 class MjpegServer:
