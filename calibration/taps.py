@@ -271,7 +271,7 @@ def _fit(feats: dict[str, torch.Tensor], taps: tuple[str, ...], channels: torch.
         acc = acc or GaussianAccumulator(emb.shape[-1], emb.shape[1])
         acc.add(emb)
     mean, inv_cov = acc.finish(reg)
-    return MahalanobisHead(mean, inv_cov)
+    return MahalanobisHead.from_inverse(mean, inv_cov)
 
 
 @torch.inference_mode()

@@ -5,7 +5,8 @@ a speed-up is a ratio measured side by side, not against a figure from another d
 the agent ran until the score graph: the engine graph alone exported to ONNX and run in ONNX
 Runtime, then the head in torch on ONNX Runtime's outputs, then a full-size bilinear upsample
 and a 2-D separable Gaussian blur (a depthwise convolution over the batch), each a stage of
-its own (``stages_ms``).
+its own (``stages_ms``). PaDiM's head is the one of that time too: one batched product over the
+full inverse covariances.
 """
 from __future__ import annotations
 
@@ -45,7 +46,9 @@ class PreviousPath:
             opts.inter_op_num_threads = 1
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             self.session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        self.head = implementation(spec.method.kind).head(spec, bundle.head_tensors()).eval()
+        tensors = bundle.head_tensors()
+        self.head = (InverseHead(tensors) if spec.method.kind == "padim" else
+                     implementation(spec.method.kind).head(spec, tensors)).eval()
         self.kernel = gaussian_kernel(spec.blur_sigma) if spec.blur_sigma > 0 else None
         self.stages_ms = {"network": 0.0, "head": 0.0, "postprocess": 0.0}
 
@@ -76,3 +79,30 @@ class PreviousPath:
         x = F.pad(up[None], (r, r, r, r), mode="reflect")
         x = F.conv2d(x, self.kernel.view(1, 1, 1, -1).expand(b, 1, 1, -1), groups=b)
         return F.conv2d(x, self.kernel.view(1, 1, -1, 1).expand(b, 1, -1, 1), groups=b)[0]
+
+
+class InverseHead(torch.nn.Module):
+    """PaDiM's head before the Cholesky blocks: ``d^T S^-1 d`` by one bmm over the full inverses."""
+
+    def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
+        super().__init__()
+        self.mean = tensors["mean"].float()
+        self.inv_cov = tensors["inv_cov"].float() if "inv_cov" in tensors else _inverse(tensors)
+
+    def forward(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        b, _, h, w = outputs[0].shape
+        diff = (outputs[0].flatten(2).permute(2, 0, 1).float() - self.mean[:, None, :]).contiguous()
+        dist = (torch.bmm(diff, self.inv_cov) * diff).sum(-1)
+        return dist.clamp_min(0).sqrt().t().reshape(b, h, w)
+
+
+def _inverse(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``L L^T`` from the Cholesky column blocks (engines/mahalanobis.cholesky_blocks)."""
+    p, d = tensors["mean"].shape
+    factor = torch.zeros(p, d, d, dtype=torch.float64)
+    blocks = sorted((n for n in tensors if n.startswith("chol_")), key=lambda n: int(n.split("_")[1]))
+    for name in blocks:
+        block = tensors[name].double()
+        start = d - block.shape[1]
+        factor[:, start:, start:start + block.shape[2]] = block
+    return (factor @ factor.transpose(1, 2)).float()

@@ -15,7 +15,8 @@ import torch
 from calibration.data import read_image, test_samples as list_test_samples
 from engines.build import is_score_graph
 from engines.bundle import MANIFEST, ONNX, load_bundle, write_manifest
-from engines.mahalanobis import MahalanobisHead
+from engines.mahalanobis import MahalanobisHead, cholesky_blocks
+from engines.previous_path import InverseHead
 from engines.runtimes.base import BackendError
 from engines.runtimes.onnxruntime_backend import OnnxRuntimeBackend, OnnxRuntimeSettings
 from engines.runtimes.torch_backend import TorchBackend, TorchSettings, Uploader
@@ -61,23 +62,21 @@ def _spd(p: int, d: int, gen: torch.Generator) -> torch.Tensor:
     return a @ a.transpose(1, 2) / d + 0.1 * torch.eye(d)
 
 
-def test_cholesky_and_fp16_heads_match_the_inverse() -> None:
+def test_cholesky_blocks_score_as_the_full_inverse() -> None:
     gen = torch.Generator().manual_seed(0)
-    p, d = 36, 24
+    p, d = 36, 150
     mean, inv = torch.randn(p, d, generator=gen), _spd(p, d, gen)
     feats = torch.randn(5, d, 6, 6, generator=gen) * 3
-    ref = MahalanobisHead(mean, inv)(feats)
     x = feats.flatten(2).permute(0, 2, 1)
-    direct = torch.einsum("bpd,pde,bpe->bp", x - mean, inv, x - mean).sqrt().reshape(5, 6, 6)
-    torch.testing.assert_close(ref, direct, rtol=EXACT_RTOL, atol=1e-5)
-    chol = MahalanobisHead(mean, inv, factor="cholesky")(feats)
-    torch.testing.assert_close(chol, ref, rtol=EXACT_RTOL, atol=1e-5)
-    # FP16 storage, upcast in chunks of a few positions on the CPU (chunk_bytes forces 3+ chunks).
-    half = MahalanobisHead(mean, inv, half=True, factor="cholesky", chunk_bytes=12 * 4 * d * d)
-    assert half.matrix.dtype == torch.float16
-    torch.testing.assert_close(half(feats), ref, rtol=PARITY_RTOL, atol=0)
-    with pytest.raises(ValueError, match="'inverse' or 'cholesky'"):
-        MahalanobisHead(mean, inv, factor="lu")
+    direct = torch.einsum("bpd,pde,bpe->bp", x.double() - mean.double(), inv.double(),
+                          x.double() - mean.double()).sqrt().reshape(5, 6, 6).float()
+    blocks = cholesky_blocks(inv)
+    assert [tuple(blocks[n].shape) for n in sorted(blocks)] == [(p, 150, 64), (p, 86, 64), (p, 22, 22)]
+    head = MahalanobisHead(mean, blocks)
+    torch.testing.assert_close(head(feats), direct, rtol=EXACT_RTOL, atol=1e-5)
+    # The blocks hold (K + 1) / 2K of the full matrices (K = 3 here): what a batch-1 call reads.
+    assert sum(b.numel() for b in blocks.values()) < 0.7 * inv.numel()
+    torch.testing.assert_close(MahalanobisHead.from_inverse(mean, inv)(feats), head(feats), rtol=0, atol=0)
 
 
 def _features(bundle, x: torch.Tensor) -> torch.Tensor:
@@ -89,13 +88,12 @@ def _features(bundle, x: torch.Tensor) -> torch.Tensor:
         return engine(x)[0]
 
 
-def test_head_variants_on_a_calibrated_bundle(padim_bundle, sample_data: Path) -> None:
+def test_the_previous_paths_full_inverse_head_scores_as_the_blocks(padim_bundle, sample_data: Path) -> None:
     t = padim_bundle.head_tensors()
+    assert "inv_cov" not in t and {"chol_0", "mean"} <= set(t)
     feats = _features(padim_bundle, _inputs(padim_bundle, sample_data, 4))
-    ref = MahalanobisHead(t["mean"], t["inv_cov"])(feats)
-    for kwargs in ({"factor": "cholesky"}, {"factor": "cholesky", "half": True}):
-        out = MahalanobisHead(t["mean"], t["inv_cov"], **kwargs)(feats)
-        torch.testing.assert_close(out, ref, rtol=PARITY_RTOL, atol=0, msg=str(kwargs))
+    ref = MahalanobisHead(t["mean"], {n: v for n, v in t.items() if n != "mean"})(feats)
+    torch.testing.assert_close(InverseHead(t)([feats]), ref, rtol=PARITY_RTOL, atol=0)
 
 
 def _inputs(bundle, sample_data: Path, n: int) -> torch.Tensor:
@@ -147,7 +145,7 @@ def test_int8_quantisation_writes_a_hashed_graph(padim_bundle, sample_data: Path
     # Accuracy is judged on evaluate metrics (python -m calibration.quantize --measure), not parity.
     # Here: only the network is quantised; the statistics and everything after the engine stay FP32.
     quantised = _quantised(path / name, runtime)
-    assert quantised and not quantised & {"mean", "inv_cov"}, quantised
+    assert quantised and not quantised & set(bundle.head_tensors()), quantised
     assert all(n.startswith("/graph/engine/") or n.startswith("onnx::") for n in quantised - {"input"}), quantised
 
 

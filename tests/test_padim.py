@@ -43,7 +43,7 @@ def test_mahalanobis_head_matches_direct_formula() -> None:
     a = torch.randn(p, d, d, generator=gen)
     inv = a @ a.transpose(1, 2) + torch.eye(d)
     feats = torch.randn(3, d, 3, 4, generator=gen)
-    out = MahalanobisHead(mean, inv)(feats)
+    out = MahalanobisHead.from_inverse(mean, inv)(feats)
     x = feats.flatten(2).permute(0, 2, 1)  # (B, P, D)
     ref = torch.einsum("bpd,pde,bpe->bp", x - mean, inv, x - mean).sqrt().reshape(3, 3, 4)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)

@@ -47,7 +47,7 @@ def test_resample_operator_is_upsample_then_blur(sigma: float) -> None:
 def test_statistics_are_graph_inputs_and_recalibration_keeps_the_graph(padim_bundle, sample_data: Path,
                                                                          tmp_path: Path) -> None:
     inputs = graph_inputs(padim_bundle.onnx_path)
-    assert inputs[0] == "input" and sorted(inputs[1:]) == ["inv_cov", "mean"]
+    assert inputs[0] == "input" and sorted(inputs[1:]) == ["chol_0", "mean"]  # 48 channels: one block
     stats = padim_bundle.head_tensors()
     sizes = {int(np.prod(t.shape)) for t in stats.values()}
     graph = onnx.load(str(padim_bundle.onnx_path)).graph

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from engines.graph import feature_network, pretrained_graph
-from engines.mahalanobis import GaussianAccumulator, MahalanobisHead
+from engines.mahalanobis import GaussianAccumulator, MahalanobisHead, cholesky_blocks
 from engines.methods import FitContext, Fitted
 from engines.model import ModelSpec
 from engines.tiling import mosaic
@@ -33,9 +33,9 @@ class PadimNetwork(nn.Module):
 
 
 class PadimHead(nn.Module):
-    def __init__(self, mean: torch.Tensor, inv_cov: torch.Tensor) -> None:
+    def __init__(self, mean: torch.Tensor, blocks: dict[str, torch.Tensor]) -> None:
         super().__init__()
-        self.maha = MahalanobisHead(mean, inv_cov)
+        self.maha = MahalanobisHead(mean, blocks)
         self.positions = mean.shape[0]
 
     def forward(self, outputs: list[torch.Tensor]) -> torch.Tensor:
@@ -52,7 +52,9 @@ def network(spec: ModelSpec, pretrained: bool = False, weights: str | None = Non
 
 
 def head(spec: ModelSpec, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    return PadimHead(tensors["mean"], tensors["inv_cov"])
+    if "inv_cov" in tensors:  # a bundle calibrated before the Cholesky blocks (its model.onnx takes inv_cov)
+        return PadimHead(tensors["mean"], cholesky_blocks(tensors["inv_cov"]))
+    return PadimHead(tensors["mean"], {n: t for n, t in tensors.items() if n.startswith("chol_")})
 
 
 @torch.inference_mode()
@@ -79,6 +81,6 @@ def fit(spec: ModelSpec, context: FitContext) -> Fitted:
     if acc is None:
         raise ValueError("padim: no training images")
     mean, inv_cov = acc.finish(spec.method.reg)
-    return Fitted(network_state=graph.state_dict(), head_tensors={"mean": mean, "inv_cov": inv_cov},
+    return Fitted(network_state=graph.state_dict(), head_tensors={"mean": mean, **cholesky_blocks(inv_cov)},
                   info={"samples": acc.n, "channels": len(chosen), "tiles": tiles or None,
                         "fit_s": time.perf_counter() - start})
