@@ -40,8 +40,8 @@ class GaussianAccumulator:
         return mean.float(), torch.linalg.inv(cov).float()
 
 
-# Columns per block of the Cholesky factor. Measured in OpenVINO on a 2-core CPU (150 channels,
-# 32x32 positions): the head took 1.65 ms at batch 1 and 4.0-4.5 ms at batch 8 with blocks of
+# Columns per block of the Cholesky factor. Measured on the head alone in OpenVINO on a 2-core CPU
+# (150 channels, 32x32 positions): 1.65 ms at batch 1 and 4.0-4.5 ms at batch 8 with blocks of
 # 64, against 2.3-3.9 and 7.8-8.4 ms for the full inverse; blocks of 32-50 were as fast at
 # batch 1 but slower at batch 8.
 BLOCK = 64
@@ -56,6 +56,22 @@ def cholesky_blocks(inv_cov: torch.Tensor, width: int = BLOCK) -> dict[str, torc
     return {f"chol_{k}": factor[:, s:, s:s + width].float().contiguous() for k, s in enumerate(range(0, d, width))}
 
 
+def ordered_blocks(tensors: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]:
+    """The ``chol_k`` tensors among ``tensors`` (a bundle's head tensors, say), in block order."""
+    return sorted(((n, t) for n, t in tensors.items() if n.startswith("chol_")), key=lambda nt: int(nt[0][5:]))
+
+
+def inverse_from_blocks(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
+    """``L L^T``, the inverse covariances (P, D, D), from the ``chol_k`` blocks of ``cholesky_blocks``."""
+    blocks = ordered_blocks(tensors)
+    p, d = blocks[0][1].shape[:2]
+    factor = torch.zeros(p, d, d, dtype=torch.float64)
+    for _, block in blocks:
+        start = d - block.shape[1]
+        factor[:, start:, start:start + block.shape[2]] = block.double()
+    return (factor @ factor.transpose(1, 2)).float()
+
+
 class MahalanobisHead(torch.nn.Module):
     """features (B, D, h, w) -> distance map (B, h, w), every position of the whole batch at once.
 
@@ -67,14 +83,14 @@ class MahalanobisHead(torch.nn.Module):
     """
 
     def __init__(self, mean: torch.Tensor, blocks: dict[str, torch.Tensor]) -> None:
+        """``blocks``: the ``chol_k`` tensors (other entries, such as the mean, are ignored)."""
         super().__init__()
         self.register_buffer("mean", mean.float())
-        self.names = sorted(blocks, key=lambda n: int(n.split("_")[1]))
-        self.starts = []
-        d = mean.shape[-1]
-        for name in self.names:
-            self.starts.append(d - blocks[name].shape[1])
-            self.register_buffer(name, blocks[name].float())
+        self.names, self.starts = [], []
+        for name, block in ordered_blocks(blocks):
+            self.names.append(name)
+            self.starts.append(mean.shape[-1] - block.shape[1])
+            self.register_buffer(name, block.float())
 
     @classmethod
     def from_inverse(cls, mean: torch.Tensor, inv_cov: torch.Tensor) -> "MahalanobisHead":

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from engines.bundle import Bundle
 from engines.export import export_onnx
 from engines.graph import build_engine
+from engines.mahalanobis import inverse_from_blocks
 from engines.methods import implementation
 from engines.score import gaussian_kernel
 from engines.tiling import mosaic, unmosaic
@@ -87,22 +88,10 @@ class InverseHead(torch.nn.Module):
     def __init__(self, tensors: dict[str, torch.Tensor]) -> None:
         super().__init__()
         self.mean = tensors["mean"].float()
-        self.inv_cov = tensors["inv_cov"].float() if "inv_cov" in tensors else _inverse(tensors)
+        self.inv_cov = tensors["inv_cov"].float() if "inv_cov" in tensors else inverse_from_blocks(tensors)
 
     def forward(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         b, _, h, w = outputs[0].shape
         diff = (outputs[0].flatten(2).permute(2, 0, 1).float() - self.mean[:, None, :]).contiguous()
         dist = (torch.bmm(diff, self.inv_cov) * diff).sum(-1)
         return dist.clamp_min(0).sqrt().t().reshape(b, h, w)
-
-
-def _inverse(tensors: dict[str, torch.Tensor]) -> torch.Tensor:
-    """``L L^T`` from the Cholesky column blocks (engines/mahalanobis.cholesky_blocks)."""
-    p, d = tensors["mean"].shape
-    factor = torch.zeros(p, d, d, dtype=torch.float64)
-    blocks = sorted((n for n in tensors if n.startswith("chol_")), key=lambda n: int(n.split("_")[1]))
-    for name in blocks:
-        block = tensors[name].double()
-        start = d - block.shape[1]
-        factor[:, start:, start:start + block.shape[2]] = block
-    return (factor @ factor.transpose(1, 2)).float()

@@ -15,7 +15,7 @@ import torch
 from calibration.data import read_image, test_samples as list_test_samples
 from engines.build import is_score_graph
 from engines.bundle import MANIFEST, ONNX, load_bundle, write_manifest
-from engines.mahalanobis import MahalanobisHead, cholesky_blocks
+from engines.mahalanobis import MahalanobisHead, cholesky_blocks, inverse_from_blocks
 from engines.previous_path import InverseHead
 from engines.runtimes.base import BackendError
 from engines.runtimes.onnxruntime_backend import OnnxRuntimeBackend, OnnxRuntimeSettings
@@ -77,6 +77,7 @@ def test_cholesky_blocks_score_as_the_full_inverse() -> None:
     # The blocks hold (K + 1) / 2K of the full matrices (K = 3 here): what a batch-1 call reads.
     assert sum(b.numel() for b in blocks.values()) < 0.7 * inv.numel()
     torch.testing.assert_close(MahalanobisHead.from_inverse(mean, inv)(feats), head(feats), rtol=0, atol=0)
+    torch.testing.assert_close(inverse_from_blocks(blocks), inv, rtol=1e-5, atol=1e-5)
 
 
 def _features(bundle, x: torch.Tensor) -> torch.Tensor:
@@ -92,7 +93,7 @@ def test_the_previous_paths_full_inverse_head_scores_as_the_blocks(padim_bundle,
     t = padim_bundle.head_tensors()
     assert "inv_cov" not in t and {"chol_0", "mean"} <= set(t)
     feats = _features(padim_bundle, _inputs(padim_bundle, sample_data, 4))
-    ref = MahalanobisHead(t["mean"], {n: v for n, v in t.items() if n != "mean"})(feats)
+    ref = MahalanobisHead(t["mean"], t)(feats)
     torch.testing.assert_close(InverseHead(t)([feats]), ref, rtol=PARITY_RTOL, atol=0)
 
 

@@ -35,7 +35,7 @@ class PadimNetwork(nn.Module):
 class PadimHead(nn.Module):
     def __init__(self, mean: torch.Tensor, blocks: dict[str, torch.Tensor]) -> None:
         super().__init__()
-        self.maha = MahalanobisHead(mean, blocks)
+        self.maha = MahalanobisHead(mean, blocks)  # the chol_k among ``blocks``
         self.positions = mean.shape[0]
 
     def forward(self, outputs: list[torch.Tensor]) -> torch.Tensor:
@@ -54,7 +54,7 @@ def network(spec: ModelSpec, pretrained: bool = False, weights: str | None = Non
 def head(spec: ModelSpec, tensors: dict[str, torch.Tensor]) -> nn.Module:
     if "inv_cov" in tensors:  # a bundle calibrated before the Cholesky blocks (its model.onnx takes inv_cov)
         return PadimHead(tensors["mean"], cholesky_blocks(tensors["inv_cov"]))
-    return PadimHead(tensors["mean"], {n: t for n, t in tensors.items() if n.startswith("chol_")})
+    return PadimHead(tensors["mean"], tensors)
 
 
 @torch.inference_mode()
