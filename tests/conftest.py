@@ -151,6 +151,18 @@ def small_model_config(method: str | dict = "padim", **overrides: object):
     return cfg
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Torch on one thread for a module that trains many tiny batches: on a shared, oversubscribed
+    CPU more threads only spin (use with ``pytestmark = pytest.mark.usefixtures(...)``)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def sample_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from calibration.synthetic import write_dataset

@@ -41,13 +41,7 @@ VARIANTS = [("ae-l2", "ae-l2", False, False, {}), ("ae-ssim", "ae-ssim", False, 
 BY_NAME = {v[0]: v for v in VARIANTS}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Training many tiny batches on a shared, oversubscribed CPU: more threads only spin.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(method: str, on_features: bool = False, tiled: bool = False, epochs: int = 2, seed: int = 0,

@@ -28,13 +28,7 @@ PARITY_RTOL = 2e-3  # SSIM and feature distances are differences of nearly equal
 SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "agent" / "verdict.schema.json").read_text())
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny batches on a shared, oversubscribed CPU: more threads only spin.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def tiny_config(tiled: bool = False, seed: int = 0, coarse_weight: float = 0.5):

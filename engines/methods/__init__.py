@@ -21,9 +21,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Literal, Protocol
+from typing import TYPE_CHECKING, Annotated, Any, Iterator, Literal, Protocol
 
-from pydantic import Field
+from pydantic import AfterValidator, Field
 
 from engines.plugins import Plugin, PluginSettings, Registry
 
@@ -45,6 +45,16 @@ class MethodSettings(PluginSettings):
     def own_image_score(self) -> bool:
         """Whether the head gives an image score of its own (else the image score is the map's peak)."""
         return False
+
+
+def _multiple_of_16(v: int) -> int:
+    if v % 16:
+        raise ValueError(f"expected a multiple of 16, got {v}")
+    return v
+
+
+# A side in pixels that the networks' four stride-2 levels divide evenly.
+Side16 = Annotated[int, AfterValidator(_multiple_of_16)]
 
 
 # How a feature method standardises backbone features before its model: "channel" (one mean and

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from engines.methods import STANDARDISE, Standardise, TrainedSettings, plugin
+from engines.methods import Side16, STANDARDISE, Standardise, TrainedSettings, plugin
 
 
 class AutoencoderSettings(TrainedSettings):
@@ -27,17 +27,10 @@ class AutoencoderSettings(TrainedSettings):
                                                            "et al.), a quarter of the feature channels on features")
     on_features: bool = Field(False, description="reconstruct backbone features instead of pixels")
     standardise: Standardise = Field("channel", description=STANDARDISE)
-    pixel_side: int = Field(128, ge=32, le=1024, description="pixels: the side the autoencoder works at (the input "
-                                                             "is resized to it inside the graph); a multiple of 16")
+    pixel_side: Side16 = Field(128, ge=32, le=1024, description="pixels: the side the autoencoder works at (the input "
+                                                                "is resized to it inside the graph); a multiple of 16")
     augment: bool = Field(True, description="pixels: random mirroring and quarter turns of training images (the "
                                             "MVTec AD paper's augmentation); off for parts with a fixed orientation")
-
-    @field_validator("pixel_side")
-    @classmethod
-    def _pixel_side(cls, v: int) -> int:
-        if v % 16:
-            raise ValueError(f"expected a multiple of 16, got {v}")
-        return v
 
 
 class AeL2Settings(AutoencoderSettings):

@@ -28,9 +28,9 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field
 
-from engines.methods import TrainedSettings, plugin
+from engines.methods import Side16, TrainedSettings, plugin
 
 
 class GanSettings(TrainedSettings):
@@ -41,8 +41,8 @@ class GanSettings(TrainedSettings):
     latent_dim: int = Field(128, ge=1, description="channels of the generator's stride-16 bottleneck")
     patience: int = Field(10, ge=1, description="epochs without validation improvement before stopping")
     width: int = Field(16, ge=4, le=128, description="channels of the generator's first level (doubled per level)")
-    crop: int = Field(96, ge=32, le=1024, description="side of the random training crops taken from the model "
-                                                        "inputs (px, multiple of 16; at most the input size)")
+    crop: Side16 = Field(96, ge=32, le=1024, description="side of the random training crops taken from the model "
+                                                           "inputs (px, multiple of 16; at most the input size)")
     epoch_inputs: int = Field(1024, ge=8, description="training crops per epoch at most (one per model input "
                                                           "otherwise); validation runs once per epoch")
     corruption: float = Field(0.75, ge=0.0, le=1.0, description="share of training crops given a synthetic defect "
@@ -54,13 +54,6 @@ class GanSettings(TrainedSettings):
     coarse_weight: float = Field(0.3, ge=0.0, le=1.0, description="tiled frames: weight of the coarse whole-frame "
                                                                    "pass in the map ((1 - w) tiles + w whole frame); "
                                                                    "0 = tiles only")
-
-    @field_validator("crop")
-    @classmethod
-    def _crop(cls, v: int) -> int:
-        if v % 16:
-            raise ValueError(f"expected a multiple of 16, got {v}")
-        return v
 
 
 PLUGINS = [plugin("gan", GanSettings, "engines.methods.gan.method",
