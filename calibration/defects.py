@@ -7,6 +7,14 @@ Three kinds, used in turn so a set of ``n`` holds each about equally:
 - "nsa" (Schlueter et al. 2022, Natural Synthetic Anomalies): a patch from *another* good image,
   resized, Poisson-blended (``cv2.seamlessClone``) at a different place, so its edges vanish and
   only its content differs, like a real surface defect.
+- "crack": a thin wandering line (1-3 px), darker or brighter than the surface by a few times
+  the image's own grey-level spread.
+- "spot": a small soft blob (a pore, a blowhole, a stain) at the same contrast.
+
+The first three are large and often obvious; real defects on MTD's tiles, KSDD's commutators and
+the synthetic washer are mostly thin or small and faint, and a ranking on large pasted patches
+alone chose settings that lost on real defects (docs/engines.md). The last two are sized and
+contrasted like those, relative to the image, never to a data set.
 
 Every function is deterministic given its random generator. Images are BGR uint8 (a grey
 image is handled as three equal channels and returned as it came); masks are bool, True where
@@ -17,7 +25,7 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
-KINDS = ("cutpaste", "scar", "nsa")
+KINDS = ("cutpaste", "scar", "nsa", "crack", "spot")
 
 
 def synthesize_defects(images: list[np.ndarray], n: int,
@@ -33,6 +41,10 @@ def synthesize_defects(images: list[np.ndarray], n: int,
             out.append(cutpaste(images[target], rng))
         elif kind == "scar":
             out.append(cutpaste_scar(images[target], rng))
+        elif kind == "crack":
+            out.append(crack(images[target], rng))
+        elif kind == "spot":
+            out.append(spot(images[target], rng))
         else:
             # Another good image where there is one: NSA blends content the target does not have.
             others = [j for j in range(len(images)) if j != target] or [target]
@@ -109,6 +121,50 @@ def nsa(image: np.ndarray, source: np.ndarray, rng: np.random.Generator,
     top, left = centre[1] - ph // 2, centre[0] - pw // 2
     mask[top:top + ph, left:left + pw] = True
     return _like(out, image), mask
+
+
+def crack(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A random-walk line 10-45 % of the shorter side long, 1-3 px wide at 256 px, shaded by ``_contrast``."""
+    img = _bgr(image)
+    h, w = img.shape[:2]
+    scale = min(h, w) / 256.0
+    step = max(1.0, 3.0 * scale)
+    n = max(2, int(rng.uniform(0.10, 0.45) * min(h, w) / step))
+    heading = rng.uniform(0, 2 * np.pi) + np.cumsum(rng.normal(0.0, 0.3, n))
+    start = np.array([rng.uniform(0, w), rng.uniform(0, h)])
+    points = start + np.cumsum(step * np.stack([np.cos(heading), np.sin(heading)], 1), 0)
+    alpha = np.zeros((h, w), np.uint8)
+    width = max(1, int(round(rng.uniform(1, 3) * scale)))
+    cv2.polylines(alpha, [np.round(points).astype(np.int32)], False, 255, width, cv2.LINE_AA)
+    return _shade(img, image, alpha, rng)
+
+
+def spot(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A soft ellipse of radius 2-10 px at 256 px (axes ratio 0.5-1), shaded by ``_contrast``."""
+    img = _bgr(image)
+    h, w = img.shape[:2]
+    scale = min(h, w) / 256.0
+    r = max(1.5, rng.uniform(2, 10) * scale)
+    alpha = np.zeros((h, w), np.uint8)
+    centre = (int(rng.integers(0, w)), int(rng.integers(0, h)))
+    axes = (max(1, int(round(r))), max(1, int(round(r * rng.uniform(0.5, 1.0)))))
+    cv2.ellipse(alpha, centre, axes, float(rng.uniform(0, 180)), 0, 360, 255, -1, cv2.LINE_AA)
+    alpha = cv2.GaussianBlur(alpha, (0, 0), max(0.5, r / 3))  # soft edges, as a pore or a stain
+    alpha[alpha < 26] = 0  # the blur's far tail (under 10 %) would change pixels no mask accounts for
+    return _shade(img, image, alpha, rng)
+
+
+def _shade(img: np.ndarray, original: np.ndarray, alpha: np.ndarray,
+           rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """``img`` darkened or brightened where ``alpha`` (uint8 coverage) is set; the mask is coverage >= 50 %."""
+    if alpha.max() < 128:  # drawn off the image: put a dot at the centre so the defect exists
+        alpha[alpha.shape[0] // 2, alpha.shape[1] // 2] = 255
+    grey = cv2.cvtColor(img, cv2.COLOR_BGR2GRAY)
+    # A few times the image's own spread, so a faint defect on a busy texture stays faint; a
+    # floor of 12 grey levels so a flat surface still gets a visible one.
+    delta = rng.choice([-1.0, 1.0]) * max(12.0, rng.uniform(2.0, 5.0) * float(grey.std()))
+    out = np.clip(img.astype(np.float32) + (alpha.astype(np.float32) / 255.0 * delta)[..., None], 0, 255)
+    return _like(out.astype(np.uint8), original), alpha >= 128
 
 
 def _crop(img: np.ndarray, ph: int, pw: int, rng: np.random.Generator) -> np.ndarray:

@@ -5,7 +5,7 @@ import cv2
 import numpy as np
 import pytest
 
-from calibration.defects import KINDS, cutpaste, cutpaste_scar, nsa, synthesize_defects
+from calibration.defects import KINDS, crack, cutpaste, cutpaste_scar, nsa, spot, synthesize_defects
 from calibration.synthetic import synthetic_part
 
 
@@ -33,6 +33,27 @@ def test_scar_is_thin() -> None:
         assert 0 < mask.sum() <= 16 * 25 + 40  # rotation rounding adds a rim
 
 
+@pytest.mark.parametrize("make", [crack, spot])
+def test_cracks_and_spots_are_small_faint_and_inside_their_masks(make) -> None:
+    image = _goods(1, (256, 256))[0]
+    grey = cv2.cvtColor(image, cv2.COLOR_BGR2GRAY).astype(np.float32)
+    for seed in range(20):
+        out, mask = make(image, np.random.default_rng(seed))
+        assert out.shape == image.shape and mask.dtype == bool and mask.any()
+        # Small: a crack is at most 3 px wide (5 with its anti-aliased rim) and 45 % of the side long,
+        # a spot 10 px in radius.
+        assert mask.sum() <= (0.45 * 256 * 5 if make is crack else np.pi * 10 ** 2)
+        diff = np.abs(cv2.cvtColor(out, cv2.COLOR_BGR2GRAY).astype(np.float32) - grey)
+        assert (diff[mask] > 0).mean() > 0.5
+        # Faint: a shift of 2-5 times the image's spread (at least 12 levels), not a pasted patch.
+        shift = diff[mask].max()
+        assert 6 <= shift <= max(12.0, 5 * grey.std()) + 1
+        # The mask is the half-coverage line: past a few pixels of it only a blurred rim's tail is
+        # left, under 10 % of the shift (15 %: the shift seen inside may be clipped at 0 or 255).
+        near = cv2.dilate(mask.astype(np.uint8), np.ones((9, 9))).astype(bool)
+        assert diff[~near].max(initial=0) <= 0.15 * shift + 1
+
+
 def test_nsa_blends_content_from_the_other_image() -> None:
     dark = np.full((80, 100, 3), 40, np.uint8)
     stripes = dark.copy()
@@ -49,7 +70,7 @@ def test_synthesize_defects_is_deterministic_and_cycles_kinds() -> None:
     goods = _goods()
     a = synthesize_defects(goods, 7, np.random.default_rng(5))
     b = synthesize_defects(goods, 7, np.random.default_rng(5))
-    assert len(a) == 7 and len(KINDS) == 3
+    assert len(a) == 7 and len(KINDS) == 5
     for (ia, ma), (ib, mb) in zip(a, b):
         np.testing.assert_array_equal(ia, ib)
         np.testing.assert_array_equal(ma, mb)

@@ -33,10 +33,11 @@ def test_the_trap_breaks_whatever_reads_test(padim_bundle, trapped_data: Path) -
 
 def test_validate_reports_the_metrics_of_held_out_and_synthetic_images(
         padim_bundle, trapped_data: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    assert main(["--model", str(padim_bundle.path), "--data", str(trapped_data), "--defects", "6", "--json"]) == 0
+    n = 2 * len(KINDS)
+    assert main(["--model", str(padim_bundle.path), "--data", str(trapped_data), "--defects", str(n), "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     held = padim_bundle.manifest.score_stats["holdout_good"]["n"]
-    assert (out["n_images"], out["n_anomalous"]) == (held + 6, 6)
+    assert (out["n_images"], out["n_anomalous"]) == (held + n, n)
     assert set(out["per_kind"]) == set(KINDS) and all(m["n_anomalous"] == 2 for m in out["per_kind"].values())
     for key in ("image_auroc", "pixel_auroc", "pixel_aupr", "aupro", "f1_max"):
         assert 0.0 <= out[key] <= 1.0, key
@@ -48,11 +49,11 @@ def test_validate_reports_the_metrics_of_held_out_and_synthetic_images(
 
 def test_the_set_is_calibrations_held_out_split_scored_as_the_line_scores(padim_bundle, trapped_data: Path) -> None:
     _, held = split_train([s.path for s in train_samples(trapped_data)], 0.2, 0)
-    frames = validation_frames(trapped_data, 0.2, 0, 3)
+    frames = validation_frames(trapped_data, 0.2, 0, len(KINDS))
     assert [f[0] for f in frames[:len(held)]] == [p.name for p in held]
     assert [f[1] for f in frames[len(held):]] == list(KINDS)
     assert all(not f[3].any() for f in frames[:len(held)]) and all(f[3].any() for f in frames[len(held):])
-    ev = validate(padim_bundle, trapped_data, 3, 0.2, 0, progress=False)
+    ev = validate(padim_bundle, trapped_data, len(KINDS), 0.2, 0, progress=False)
     line = reference_pipeline(padim_bundle).score_frame(read_image(held[0]))
     assert ev.scores[0] == pytest.approx(line.score)
 
