@@ -21,7 +21,6 @@ from calibration.images import TrainImages
 from calibration.settings import ModelConfig
 from conftest import assert_runtime_parity, pipeline, small_model_config
 from engines.methods import FitContext, implementation
-from engines.methods.algan.method import position_code
 from engines.methods.autoencoder.method import gaussian_window, l2_residual, ssim_map, ssim_residual
 from engines.tiling import TilingConfig
 from engines.training import fit_loop
@@ -38,8 +37,7 @@ VARIANTS = [("ae-l2", "ae-l2", False, False, {}), ("ae-ssim", "ae-ssim", False, 
             ("ae-l2-features", "ae-l2", True, False, {}), ("gan", "gan", False, False, {}),
             ("gan-tiled", "gan", False, True, {}), ("algan", "algan", False, False, {}),
             ("algan-features", "algan", True, False, {}),
-            ("algan-features-by-position", "algan", True, False, {"standardise": "position"}),
-            ("algan-features-placed", "algan", True, False, {"position_code": 8})]
+            ("algan-features-by-position", "algan", True, False, {"standardise": "position"})]
 BY_NAME = {v[0]: v for v in VARIANTS}
 
 
@@ -178,18 +176,6 @@ def test_feature_standardisation_is_fitted_per_channel_or_per_position(bundles: 
     assert net.feature_mean.shape == (1, net.features.channels, *(grid if by_position else (1, 1)))
     if by_position:  # fitted: positions differ (the border's features are not the centre's)
         assert (net.feature_mean.flatten(2).std(-1) > 1e-3).any()
-
-
-def test_the_position_code_tells_every_grid_position_apart(bundles: dict) -> None:
-    code = position_code(8, (5, 7))
-    assert code.shape == (1, 8, 5, 7)
-    columns = code.flatten(2)[0].T
-    assert len({tuple(c) for c in columns.round(decimals=4).tolist()}) == 5 * 7
-    net = pipeline(bundles["algan-features-placed"]).backend.net.engine.network
-    assert net.discriminator.net[0].in_channels == net.features.channels + 8
-    torch.testing.assert_close(net.position, position_code(8, net.features.grid(tuple(SIZE))))
-    with pytest.raises(ValidationError, match="position_code"):  # pixels have no feature grid to code
-        ModelConfig(method={"kind": "algan", "on_features": False, "position_code": 8})
 
 
 def test_algan_map_is_spatial(bundles: dict, sample_data: Path) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field
 
 from engines.methods import STANDARDISE, Standardise, TrainedSettings, plugin
 
@@ -37,23 +37,12 @@ class AlganSettings(TrainedSettings):
     # Per channel: per position the criterion on synthetic defects of MTD's train/good was 0.617
     # against 0.537 (lower is better).
     standardise: Standardise = Field("channel", description=STANDARDISE)
-    position_code: int = Field(0, ge=0, multiple_of=4,
-                               description="features: channels of a fixed sine/cosine code of the grid position "
-                                           "given to the discriminator beside the features, so it can learn what "
-                                           "each place of a fixed framing holds (0: position-agnostic, for parts "
-                                           "in any pose and tiles)")
     generator: bool = Field(False, description="features: ALGAN's generator adds fake-normal (z ~ N(0, I)) and "
                                                "pseudo-anomalous (wide z) features to the Gaussian perturbations "
                                                "(off: it lowered detection of synthetic defects on MTD's train/good)")
     anomaly_spread: float = Field(4.0, gt=1.0, description="std of the pseudo-anomalous latents (good ones: 1)")
     snapshot_share: float = Field(0.25, gt=0.0, le=1.0, description="pixels: share of the first epoch after which "
                                                                     "the early generator is frozen")
-
-    @model_validator(mode="after")
-    def _code_needs_features(self) -> "AlganSettings":
-        if self.position_code and not self.on_features:
-            raise ValueError("position_code codes the feature grid: it needs on_features: true")
-        return self
 
 
 PLUGINS = [plugin("algan", AlganSettings, "engines.methods.algan.method",

@@ -88,10 +88,7 @@ class AlganFeatures(nn.Module):
         with torch.no_grad():  # start as the identity: the noise scale means what it says from step one
             self.adaptor.weight.copy_(torch.eye(c).view(c, c, 1, 1))
             self.adaptor.bias.zero_()
-        # Made from the settings, so not saved: bundles from before the code load unchanged.
-        self.register_buffer("position", position_code(spec.method.position_code, self.features.grid(spec.input_hw)),
-                             persistent=False)
-        self.discriminator = PositionDiscriminator(c + spec.method.position_code, spec.method.hidden)
+        self.discriminator = PositionDiscriminator(c, spec.method.hidden)
 
     def embed(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised image -> standardised features (the frozen part)."""
@@ -99,28 +96,10 @@ class AlganFeatures(nn.Module):
 
     def judge(self, f: torch.Tensor) -> torch.Tensor:
         """Standardised features -> logit map (the trained part)."""
-        return self.discriminator(self.placed(self.adaptor(f), self.position.expand(f.shape[0], -1, -1, -1)))
-
-    @staticmethod
-    def placed(adapted: torch.Tensor, position: torch.Tensor) -> torch.Tensor:
-        """Adapted features with their position code beside them (nothing when the code is off)."""
-        return torch.cat([adapted, position], 1) if position.shape[1] else adapted
+        return self.discriminator(self.adaptor(f))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.judge(self.embed(x))
-
-
-def position_code(channels: int, grid: tuple[int, int]) -> torch.Tensor:
-    """(1, channels, h, w): sin and cos of pi * 2^i * y and x (each in [0, 1]), i = 0 .. channels/4 - 1;
-    cos(pi * y) alone already tells the top border from the bottom one."""
-    h, w = grid
-    ys = torch.linspace(0, 1, h).view(h, 1).expand(h, w)
-    xs = torch.linspace(0, 1, w).view(1, w).expand(h, w)
-    code = []
-    for i in range(channels // 4):
-        f = torch.pi * 2 ** i
-        code += [torch.sin(f * ys), torch.cos(f * ys), torch.sin(f * xs), torch.cos(f * xs)]
-    return torch.stack(code)[None] if code else torch.zeros(1, 0, h, w)
 
 
 class PixelDiscriminator(nn.Module):
@@ -209,18 +188,13 @@ def _fit_features(spec: ModelSpec, context: FitContext) -> Fitted:
         # positions, laid out as one (1, C, n, 1) column, so a CPU epoch stays short.
         cols = f.permute(1, 0, 2, 3).reshape(f.shape[1], -1)
         n = max(2, int(cols.shape[1] * t.position_share))
-        picked = torch.randperm(cols.shape[1], generator=gen)[:n].to(device)
-        cols = cols[:, picked][None, :, :, None]
-        where = net.position.flatten(2)[:, :, picked % (f.shape[2] * f.shape[3])][..., None]
+        cols = cols[:, torch.randperm(cols.shape[1], generator=gen)[:n].to(device)][None, :, :, None]
         adapted = net.adaptor(cols)
         fakes = [adapted + t.noise_std * torch.randn_like(adapted)]  # SimpleNet's Gaussian perturbation
-        places = [where]
         if t.generator:  # ALGAN: fake-normal and (wide latents) pseudo-anomalous features
             with torch.no_grad():
                 fakes += [generator(latents(n // 2)), generator(t.anomaly_spread * latents(n // 2))]
-            places += [where[:, :, :n // 2], where[:, :, :n // 2]]
-        logits = net.discriminator(net.placed(torch.cat([adapted, *fakes], dim=2),
-                                              torch.cat([where, *places], dim=2)))[0, 0, :, 0]
+        logits = net.discriminator(torch.cat([adapted, *fakes], dim=2))[0, 0, :, 0]
         real, fake = logits[:n], logits[n:]
         d_loss = F.relu(m - real).mean() + F.relu(m + fake).mean()
         opt_d.zero_grad(set_to_none=True)
@@ -232,7 +206,7 @@ def _fit_features(spec: ModelSpec, context: FitContext) -> Fitted:
             # The discriminator judges in eval mode here: its batch statistics must not see a
             # batch of fakes alone (they would tell it what a fake batch looks like).
             net.discriminator.eval()
-            g_loss = F.relu(m - net.discriminator(net.placed(generator(latents(n)), where))).mean()
+            g_loss = F.relu(m - net.discriminator(generator(latents(n)))).mean()
             net.discriminator.train()
             opt_g.zero_grad(set_to_none=True)
             g_loss.backward()
@@ -248,9 +222,7 @@ def _fit_features(spec: ModelSpec, context: FitContext) -> Fitted:
         for f in batched(held, t.batch_size, device):
             a = net.adaptor(f)
             noisy = a + t.noise_std * torch.randn(a.shape, generator=gen).to(device)
-            where = net.position.expand(len(f), -1, -1, -1)
-            total += float(F.relu(m - net.discriminator(net.placed(a, where))).mean()
-                           + F.relu(m + net.discriminator(net.placed(noisy, where))).mean()) * len(f)
+            total += float(F.relu(m - net.discriminator(a)).mean() + F.relu(m + net.discriminator(noisy)).mean()) * len(f)
         return total / len(held)
 
     log = fit_loop(trained, data, step, criterion, t.epochs, t.patience, t.batch_size, gen, device,
