@@ -11,7 +11,8 @@ from typing import Literal
 from pydantic import Field
 
 from calibration.thresholds import ThresholdConfig
-from engines.model import ModelSpec
+from engines.methods import MethodSettings
+from engines.model import TAPS, ModelSpec
 from engines.settings import ConfigPath, Settings
 
 __all__ = ["ModelConfig", "TapSearchConfig"]
@@ -30,11 +31,10 @@ class TapSearchConfig(Settings):
 class ModelConfig(ModelSpec):
     # A bundle holds the taps it was fitted with; a configuration may ask calibration to choose them.
     taps: list[str] | Literal["auto"] = Field(
-        default_factory=lambda: ["stage3", "stage4", "stage5"], min_length=1,
-        description="feature layers: Lite0 stage1..7 / block0..15; ResNet stem, layer1..4; or auto: every set of "
-                    "one to three stages ranked at calibration on held-out good images plus synthetic defects, "
-                    "the default kept unless the best clearly leads it (PaDiM, untiled; the ranking goes into "
-                    "the bundle and the evaluate report)")
+        default_factory=lambda: list(MethodSettings.default_taps), min_length=1,
+        description=TAPS + "; or auto: every set of one to three stages ranked at calibration on held-out good "
+                           "images plus synthetic defects, the default kept unless the best clearly leads it (PaDiM, "
+                           "untiled; the ranking goes into the bundle and the evaluate report)")
     tap_search: TapSearchConfig = Field(default_factory=TapSearchConfig, description="taps: auto: the search")
     weights: ConfigPath | None = Field(None, description="torchvision-format .pth state dict; required for the "
                                                          "ResNets")

@@ -17,7 +17,7 @@ whole ranking:
                        are upsampled and blurred as the score graph does (engines/score.py)
     ranking         -> pixel AUPR over those maps against the synthetic masks, image AUROC of
                        the map maxima as the tie-break
-    choice          -> the best, where its lead over the default taps (``ModelSpec``) is real: in
+    choice          -> the best, where its lead over the method's default taps is real: in
                        at least ``_CONFIDENCE`` of paired bootstrap resamples of the held-out and
                        synthetic images its pixel AUPR beats the default's by ``_MARGIN`` (5 %,
                        relative). Otherwise the default stays. The resamples answer sampling
@@ -143,7 +143,7 @@ def search_taps(spec: ModelSpec, fit_paths: list[Path], held_out: list[np.ndarra
     labels = np.array([0] * len(held_out) + [1] * len(synthetic))
     kernel = gaussian_kernel(spec.blur_sigma) if spec.blur_sigma > 0 else torch.ones(1)
 
-    default = tuple(ModelSpec.model_fields["taps"].get_default(call_default_factory=True))
+    default = tuple(spec.method.default_taps)
     kept: dict[tuple[str, ...], np.ndarray] = {}   # the maps of the default and of the best so far
     ranking = []
     for taps in tqdm(candidates, desc="taps: candidates", unit="set", disable=not progress, leave=False):

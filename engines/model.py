@@ -8,14 +8,18 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from engines.masks import MaskConfig
-from engines.methods import METHODS
+from engines.methods import METHODS, MethodSettings
 from engines.settings import Settings
 from engines.tiling import TilingConfig
 
 __all__ = ["ModelSpec"]
+
+
+TAPS = ("feature layers: Lite0 stage1..7 / block0..15; ResNet stem, layer1..4; not given: the method's default "
+        "(stage3-5; ALGAN stage3-6)")
 
 
 class ModelSpec(Settings):
@@ -25,16 +29,23 @@ class ModelSpec(Settings):
     backbone: Literal["efficientnet_lite0", "resnet18", "wide_resnet50_2"] = Field(
         "efficientnet_lite0", description="efficientnet_lite0 (ImageNet weights bundled) | resnet18 | "
                                           "wide_resnet50_2")
-    # Stride-8..16 taps: on MTD, [stage3, stage4, stage5] beat [stage2, stage3, stage4] (image AUROC
-    # 0.972 vs 0.949, pixel AUPR 0.282 vs 0.258); the last stages add little and cost memory.
-    taps: list[str] = Field(default_factory=lambda: ["stage3", "stage4", "stage5"], min_length=1,
-                            description="feature layers: Lite0 stage1..7 / block0..15; ResNet stem, layer1..4")
+    taps: list[str] = Field(default_factory=lambda: list(MethodSettings.default_taps), min_length=1,
+                            description=TAPS)
     input_size: list[int] = Field(default_factory=lambda: [256, 256],
                                   description="model input [height, width]; multiples of 32")
     blur_sigma: float = Field(4.0, ge=0.0, description="Gaussian blur of the score map, in input pixels; 0 = off")
     tiling: TilingConfig = Field(default_factory=TilingConfig, description="high-resolution frames: tiles instead "
                                                                            "of one resized image")
     mask: MaskConfig = Field(default_factory=MaskConfig, description="object mask: restrict scoring to the part")
+
+    @model_validator(mode="after")
+    def _method_taps(self) -> "ModelSpec":
+        # Where taps are not given the method's own default applies, also after the method is
+        # changed (calibrate --method). Written past validate_assignment so the key stays unset:
+        # only a user's taps are marked given.
+        if "taps" not in self.model_fields_set:
+            self.__dict__["taps"] = list(self.method.default_taps)
+        return self
 
     @field_validator("input_size")
     @classmethod

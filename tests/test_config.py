@@ -115,3 +115,23 @@ def test_relative_paths_resolve_against_the_config_file(tmp_path: Path) -> None:
     path = tmp_path / "c.yaml"
     path.write_text("agent:\n  model: bundle\n")
     assert load_config(path).agent.model == tmp_path / "bundle"
+
+
+def test_taps_not_given_are_the_methods_own_also_after_the_method_changes() -> None:
+    from calibration.settings import ModelConfig
+    from engines.model import ModelSpec
+
+    assert ModelConfig().taps == ["stage3", "stage4", "stage5"]
+    algan = ModelConfig(method="algan")
+    assert algan.taps == ["stage3", "stage4", "stage5", "stage6"]
+    # What a bundle's manifest holds reads back the same.
+    assert ModelSpec.model_validate(algan.spec().model_dump()).taps == algan.taps
+    # calibrate --method swaps the method of a loaded configuration: its taps follow ...
+    cfg = ModelConfig()
+    cfg.method = "algan"
+    assert cfg.taps == ["stage3", "stage4", "stage5", "stage6"]
+    # ... unless the configuration gave them.
+    given = ModelConfig(taps=["stage4", "stage5"])
+    given.method = "algan"
+    assert given.taps == ["stage4", "stage5"]
+    assert ModelConfig(method="algan", taps="auto").taps == "auto"

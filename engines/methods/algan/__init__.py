@@ -9,7 +9,7 @@ such as MTD's tiles.
 """
 from __future__ import annotations
 
-from typing import Literal
+from typing import ClassVar, Literal
 
 from pydantic import Field
 
@@ -17,6 +17,10 @@ from engines.methods import STANDARDISE, Standardise, TrainedSettings, plugin
 
 
 class AlganSettings(TrainedSettings):
+    # Chosen on the stopping criterion (MTD's train/good plus synthetic defects, lower is better):
+    # stage3-6 0.481 against stage3-5 0.537 with the pasted defects alone, 0.505 against 0.519 with
+    # cracks and spots added (docs/engines.md).
+    default_taps: ClassVar[tuple[str, ...]] = ("stage3", "stage4", "stage5", "stage6")
     kind: Literal["algan"] = "algan"
     epochs: int = Field(40, ge=1, description="upper bound; training stops earlier on the validation criterion")
     batch_size: int = Field(8, ge=1, description="images per optimisation step (on features each gives every "
