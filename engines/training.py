@@ -85,11 +85,15 @@ def shuffled(data: torch.Tensor, batch_size: int, gen: torch.Generator) -> Itera
 
 def fit_loop(modules: dict[str, nn.Module], data: torch.Tensor, step: Step, criterion: Criterion,
              epochs: int, patience: int, batch_size: int, gen: torch.Generator, device: torch.device,
-             desc: str, progress: bool = True, max_seconds: float = float("inf")) -> TrainLog:
+             desc: str, progress: bool = True, max_seconds: float = float("inf"),
+             average: float = 0.0) -> TrainLog:
     """Train; on return ``modules`` hold the weights of the best validation epoch. Stops after
-    ``patience`` epochs without improvement, or after the epoch that passes ``max_seconds``."""
+    ``patience`` epochs without improvement, or after the epoch that passes ``max_seconds``.
+    ``average`` > 0: each epoch is judged (and kept) by an exponential moving average of the
+    weights over the steps (decay ``average``) instead of the last step's."""
     start = time.perf_counter()
     best, best_epoch, best_state, history = float("inf"), 0, None, []
+    shadow = _Shadow(modules, average) if average > 0 else None
     bar = tqdm(range(1, epochs + 1), desc=desc, unit="epoch", disable=not progress, leave=False)
     for epoch in bar:
         for m in modules.values():
@@ -100,8 +104,12 @@ def fit_loop(modules: dict[str, nn.Module], data: torch.Tensor, step: Step, crit
             for k, v in step(batch.to(device)).items():
                 sums[k] = sums.get(k, 0.0) + v
             n += 1
+            if shadow is not None:
+                shadow.update()
         for m in modules.values():
             m.eval()
+        if shadow is not None:
+            shadow.swap()  # judge (and keep) the averaged weights; the steps go on from the raw ones
         with torch.no_grad():
             val = float(criterion())
         record = {"epoch": epoch, "val": val, **{k: v / max(n, 1) for k, v in sums.items()}}
@@ -110,10 +118,13 @@ def fit_loop(modules: dict[str, nn.Module], data: torch.Tensor, step: Step, crit
         # Without a progress bar (a log, a service), each epoch is a log line.
         log.log(logging.DEBUG if progress else logging.INFO, "%s epoch %d: %s", desc, epoch,
                 {k: round(v, 5) for k, v in record.items()})
-        if val < best:
+        improved = val < best
+        if improved:
             best, best_epoch = val, epoch
             best_state = {name: copy.deepcopy(m.state_dict()) for name, m in modules.items()}
-        elif epoch - best_epoch >= patience:
+        if shadow is not None:
+            shadow.swap()
+        if not improved and epoch - best_epoch >= patience:
             break
         if time.perf_counter() - start >= max_seconds:
             log.info("%s: time budget of %.0f s spent after epoch %d", desc, max_seconds, epoch)
@@ -124,6 +135,28 @@ def fit_loop(modules: dict[str, nn.Module], data: torch.Tensor, step: Step, crit
     epochs_run = len(history)
     log.info("%s: %d epochs, best val %.5g at epoch %d", desc, epochs_run, best, best_epoch)
     return TrainLog(epochs_run, best_epoch, best, epochs_run < epochs, time.perf_counter() - start, history)
+
+
+class _Shadow:
+    """An exponential moving average of the modules' floating-point state (weights and batch-norm
+    statistics), swapped in and out in place."""
+
+    def __init__(self, modules: dict[str, nn.Module], decay: float) -> None:
+        self.decay = decay
+        self.live = [t for m in modules.values() for t in m.state_dict().values() if t.is_floating_point()]
+        self.mean = [t.detach().clone() for t in self.live]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for live, mean in zip(self.live, self.mean):
+            mean.lerp_(live, 1.0 - self.decay)
+
+    @torch.no_grad()
+    def swap(self) -> None:
+        for live, mean in zip(self.live, self.mean):
+            tmp = live.detach().clone()
+            live.copy_(mean)
+            mean.copy_(tmp)
 
 
 def batched(data: torch.Tensor, batch_size: int, device: torch.device) -> Iterator[torch.Tensor]:

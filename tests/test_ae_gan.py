@@ -115,6 +115,32 @@ def test_fit_loop_stops_after_patience_and_restores_the_best_epoch() -> None:
     assert net.weight.item() == pytest.approx(initial + 2.0)  # the weights after epoch 2, not epoch 4
 
 
+def test_fit_loop_judges_and_keeps_the_averaged_weights_and_steps_on_from_the_raw_ones() -> None:
+    net = nn.Linear(1, 1, bias=False)
+    with torch.no_grad():
+        net.weight.fill_(0.0)
+    seen_by_step, seen_by_criterion = [], []
+
+    def step(_x: torch.Tensor) -> dict[str, float]:
+        seen_by_step.append(net.weight.item())
+        with torch.no_grad():
+            net.weight += 1.0
+        return {"loss": 0.0}
+
+    def criterion() -> float:
+        seen_by_criterion.append(net.weight.item())
+        return -len(seen_by_criterion)  # every epoch better than the last: the last is kept
+
+    data = torch.zeros(4, 1)  # two batches of 2 per epoch
+    fit_loop({"net": net}, data, step, criterion, epochs=2, patience=2, batch_size=2,
+             gen=torch.Generator().manual_seed(0), device=torch.device("cpu"), desc="toy", progress=False,
+             average=0.5)
+    # Raw weights 1, 2 | 3, 4; their average (decay 0.5 from 0): 0.5, 1.25 | 2.125, 3.0625.
+    assert seen_by_step == [0.0, 1.0, 2.0, 3.0]
+    assert seen_by_criterion == pytest.approx([1.25, 3.0625])
+    assert net.weight.item() == pytest.approx(3.0625)
+
+
 def test_fit_loop_stops_when_the_time_budget_is_spent() -> None:
     net = nn.Linear(1, 1, bias=False)
     vals = iter([3.0, 2.0, 1.0, 0.5])

@@ -70,6 +70,10 @@ STANDARDISE = ("features: standardise backbone features per channel, or per chan
                "framing: the model sees each position's deviation)")
 
 
+WEIGHT_AVERAGE = ("decay of an exponential moving average of the weights over the training steps; each epoch is "
+                  "judged, and the best kept, by the average instead of the last step's weights (0: off)")
+
+
 class TrainedSettings(MethodSettings):
     """What every trained method (autoencoders, GANs) shares: the training run."""
 
@@ -80,6 +84,7 @@ class TrainedSettings(MethodSettings):
     patience: int = Field(5, ge=1, description="epochs without validation improvement before stopping")
     max_minutes: float = Field(15.0, gt=0.0, description="time budget of the training run: it stops after the "
                                                           "epoch that passes it and keeps the best epoch so far")
+    weight_average: float = Field(0.0, ge=0.0, lt=1.0, description=WEIGHT_AVERAGE)
 
 
 class FitData(Protocol):

@@ -226,7 +226,7 @@ def _fit_features(spec: ModelSpec, context: FitContext) -> Fitted:
         return total / len(held)
 
     log = fit_loop(trained, data, step, criterion, t.epochs, t.patience, t.batch_size, gen, device,
-                   "algan training", context.progress, t.max_minutes * 60)
+                   "algan training", context.progress, t.max_minutes * 60, t.weight_average)
     network_state = {k: v.detach().cpu().contiguous() for k, v in graph.cpu().state_dict().items()}
     return Fitted(network_state=network_state, head_tensors={},
                   info={"samples": len(data), "validation": "synthetic defects" if validation else "loss",
@@ -282,7 +282,8 @@ def _fit_pixels(spec: ModelSpec, context: FitContext) -> Fitted:
         return (good + bad) / len(held)
 
     log = fit_loop({"discriminator": disc, "generator": generator}, data, step, criterion, t.epochs, t.patience,
-                   t.batch_size, gen, device, "algan training", context.progress, t.max_minutes * 60)
+                   t.batch_size, gen, device, "algan training", context.progress, t.max_minutes * 60,
+                   t.weight_average)
     network_state = {k: v.detach().cpu().contiguous() for k, v in graph.cpu().state_dict().items()}
     return Fitted(network_state=network_state, head_tensors={},
                   info={"samples": len(data), "snapshot_step": snapshot_at,

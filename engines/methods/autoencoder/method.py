@@ -297,7 +297,7 @@ def fit(spec: ModelSpec, context: FitContext) -> Fitted:
         return total / len(held)
 
     log = fit_loop({"coder": trained}, data, step, criterion, t.epochs, t.patience, t.batch_size, gen, device,
-                   f"{t.kind} training", context.progress, t.max_minutes * 60)
+                   f"{t.kind} training", context.progress, t.max_minutes * 60, t.weight_average)
     state = {k: v.detach().cpu().contiguous() for k, v in graph.cpu().state_dict().items()}
     return Fitted(network_state=state, head_tensors={"data_range": torch.tensor(data_range)},
                   info={"samples": len(data), "validation": "synthetic defects" if validation else "loss",

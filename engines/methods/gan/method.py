@@ -240,7 +240,7 @@ def fit(spec: ModelSpec, context: FitContext) -> Fitted:
     epoch = torch.arange(min(t.epoch_inputs, len(images)))
     log = fit_loop({"generator": net.generator, "discriminator": net.discriminator}, epoch, step, criterion,
                    t.epochs, t.patience, t.batch_size, gen, device, "gan training", context.progress,
-                   t.max_minutes * 60)
+                   t.max_minutes * 60, t.weight_average)
     stats_inputs = load_all(context.held_out, "images (statistics)", keep)
     if len(stats_inputs) > STATS_INPUTS:
         stats_inputs = stats_inputs[torch.randperm(len(stats_inputs), generator=gen)[:STATS_INPUTS]]
