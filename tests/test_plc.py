@@ -88,6 +88,10 @@ def test_trigger_with_part_id_gives_one_verdict_carrying_it_and_commands_are_ans
         assert [v["part_id"] for v in verdicts] == ["4711", "4712"]  # exactly one each
         for v in verdicts:
             Draft202012Validator(SCHEMA).validate(v)
+        # last_result follows the verdict topic: wait until the broker holds 4712's, so a subscriber
+        # connecting now gets it retained and nothing live after it.
+        sub.wait_for(lambda: any(json.loads(m.payload)["part_id"] == "4712" for m in sub.on(f"{PREFIX}/last_result")),
+                     "4712's last_result")
         last = subscribers(mosquitto, prefix=PREFIX)  # an HMI connecting now: the retained last result
         last.wait_for(lambda: last.on(f"{PREFIX}/last_result"), "the retained last_result")
         (retained,) = last.on(f"{PREFIX}/last_result")
