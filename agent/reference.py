@@ -33,7 +33,8 @@ COMMENT_COLUMN = 29
 HEADER = """\
 # Default configuration of the inspection agent, generated from the settings models
 # (python -m agent.reference --write); docs/configuration.md lists every method's, backend's and
-# source's own keys. Every key is optional; a missing key takes the value shown here. Relative
+# source's own keys. Every key is optional; a missing key takes the value shown here (a key shown
+# commented out follows another: model.taps is the method's own unless given). Relative
 # paths are resolved against this file's folder. Check a file, against this machine too, with:
 #   inspection-agent check-config --config FILE
 """
@@ -53,6 +54,10 @@ def _yaml_section(value: BaseModel, model: type[BaseModel], depth: int, lines: l
         if isinstance(item, BaseModel):
             lines.append(_commented(f"{pad}{name}:", description))
             _yaml_section(item, type(item), depth + 1, lines)
+        elif (info.json_schema_extra or {}).get("follows"):
+            # A default that follows another key (taps follow the method): written out, a copy of
+            # this file edited to another method would pin this method's value.
+            lines.append(_commented(f"{pad}# {name}: {_scalar(item)}", description))
         else:
             lines.append(_commented(f"{pad}{name}: {_scalar(item)}", description))
 

@@ -32,6 +32,7 @@ class ModelConfig(ModelSpec):
     # A bundle holds the taps it was fitted with; a configuration may ask calibration to choose them.
     taps: list[str] | Literal["auto"] = Field(
         default_factory=lambda: list(MethodSettings.default_taps), min_length=1,
+        json_schema_extra={"follows": "method"},
         description=TAPS + "; or auto: every set of one to three stages ranked at calibration on held-out good "
                            "images plus synthetic defects, the default kept unless the best clearly leads it (PaDiM, "
                            "untiled; the ranking goes into the bundle and the evaluate report)")

@@ -30,7 +30,7 @@ class ModelSpec(Settings):
         "efficientnet_lite0", description="efficientnet_lite0 (ImageNet weights bundled) | resnet18 | "
                                           "wide_resnet50_2")
     taps: list[str] = Field(default_factory=lambda: list(MethodSettings.default_taps), min_length=1,
-                            description=TAPS)
+                            json_schema_extra={"follows": "method"}, description=TAPS)
     input_size: list[int] = Field(default_factory=lambda: [256, 256],
                                   description="model input [height, width]; multiples of 32")
     blur_sigma: float = Field(4.0, ge=0.0, description="Gaussian blur of the score map, in input pixels; 0 = off")

@@ -135,3 +135,12 @@ def test_taps_not_given_are_the_methods_own_also_after_the_method_changes() -> N
     given.method = "algan"
     assert given.taps == ["stage4", "stage5"]
     assert ModelConfig(method="algan", taps="auto").taps == "auto"
+
+
+def test_a_copy_of_the_shipped_config_switched_to_another_method_takes_that_methods_taps(tmp_path: Path) -> None:
+    data = yaml.safe_load((REPO / "config.yaml").read_text())
+    assert "taps" not in data["model"]  # shown commented out: a default that follows the method
+    data["model"]["method"] = "algan"
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(data))
+    assert load_config(path).model.taps == ["stage3", "stage4", "stage5", "stage6"]
