@@ -1,6 +1,6 @@
 """Synthetic defects on good images, for detection-rate estimates and thresholds without real defects.
 
-Three kinds, used in turn so a set of ``n`` holds each about equally:
+Five kinds, used in turn so a set of ``n`` holds each about equally:
 
 - "cutpaste" (Li et al. 2021): a rectangle cut from the image, colour-jittered, pasted elsewhere.
 - "scar": CutPaste-scar, a thin long rotated strip, jittered and pasted.
@@ -124,7 +124,7 @@ def nsa(image: np.ndarray, source: np.ndarray, rng: np.random.Generator,
 
 
 def crack(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A random-walk line 10-45 % of the shorter side long, 1-3 px wide at 256 px, shaded by ``_contrast``."""
+    """A random-walk line 10-45 % of the shorter side long, 1-3 px wide at 256 px, shaded by ``_shade``."""
     img = _bgr(image)
     h, w = img.shape[:2]
     scale = min(h, w) / 256.0
@@ -140,7 +140,7 @@ def crack(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.n
 
 
 def spot(image: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
-    """A soft ellipse of radius 2-10 px at 256 px (axes ratio 0.5-1), shaded by ``_contrast``."""
+    """A soft ellipse of radius 2-10 px at 256 px (axes ratio 0.5-1), shaded by ``_shade``."""
     img = _bgr(image)
     h, w = img.shape[:2]
     scale = min(h, w) / 256.0
