@@ -31,6 +31,7 @@ NAME = "onnxruntime-previous"
 
 class PreviousPath:
     name = NAME
+    uses_torch_threads = True  # its head and postprocess are torch ops, as they were
 
     def __init__(self, bundle: Bundle, threads: int = 0) -> None:
         import onnxruntime as ort

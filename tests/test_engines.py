@@ -120,6 +120,40 @@ def test_cpu_uploader_shares_the_host_batch() -> None:
     assert out.data_ptr() == batch.ctypes.data  # no copy on the CPU path
 
 
+class _ThreadsSeen:
+    """A real backend that notes torch's CPU thread count at each call: what the pipeline set around it."""
+
+    def __init__(self, backend) -> None:
+        self.backend, self.seen = backend, []
+
+    def __getattr__(self, name: str):
+        return getattr(self.backend, name)
+
+    def run(self, x: torch.Tensor):
+        self.seen.append(torch.get_num_threads())
+        return self.backend.run(x)
+
+
+@pytest.mark.parametrize("backend, during", [("onnxruntime", 1), ("openvino", 1), ("torch", 2)])
+def test_host_work_beside_a_pool_of_its_own_runs_on_one_torch_thread(padim_bundle, sample_data: Path,
+                                                                      backend: str, during: int) -> None:
+    # Two torch threads spin after each small op of the pipeline and take the cores from the next
+    # OpenVINO or ONNX Runtime call; torch's own backend keeps them, and nothing outlives the call.
+    from engines.pipeline import Pipeline
+    from engines.runtimes import RuntimeSettings, open_backend
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        settings = RuntimeSettings.model_validate({"backend": backend, "device": "cpu", "fallback": False})
+        seen = _ThreadsSeen(open_backend(padim_bundle, settings)[0])
+        image = read_image(list_test_samples(sample_data)[0].path)
+        Pipeline(padim_bundle, seen, settings).score([image, image])
+        assert seen.seen == [during] and torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_ort_backend_names_a_missing_network(padim_bundle) -> None:
     with pytest.raises(BackendError, match="model.int8.onnx: bundle has no such ONNX graph"):
         OnnxRuntimeBackend(padim_bundle, OnnxRuntimeSettings(network="int8"))

@@ -17,6 +17,10 @@ class BackendError(RuntimeError):
 class Backend(Protocol):
     name: str
     device: "torch.device"
+    # True where the backend computes with torch's own CPU threads (the torch backend); False where
+    # it has a thread pool of its own (ONNX Runtime, OpenVINO) or works on a GPU. The pipeline's
+    # host work beside a pool of its own runs on one torch thread (engines/pipeline.py says why).
+    uses_torch_threads: bool
 
     def run(self, x: "torch.Tensor") -> tuple["torch.Tensor", "torch.Tensor"]:
         """A batch of uint8 (B, H, W, 3) BGR tiles (on any device) -> the score graph's (maps (B, H, W),

@@ -38,6 +38,7 @@ class OnnxRuntimeSettings(PluginSettings):
 
 
 class OnnxRuntimeBackend:
+    uses_torch_threads = False
     device: "torch.device"
 
     def __init__(self, bundle: "Bundle", settings: OnnxRuntimeSettings, threads: int = 0) -> None:

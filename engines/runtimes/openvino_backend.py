@@ -43,6 +43,8 @@ class OpenVinoSettings(PluginSettings):
 
 
 class OpenVinoBackend:
+    uses_torch_threads = False
+
     def __init__(self, bundle: "Bundle", settings: OpenVinoSettings, threads: int = 0) -> None:
         try:
             import openvino as ov

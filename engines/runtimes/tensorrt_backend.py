@@ -47,6 +47,7 @@ def profile_batch_ok(manifest: PlanManifest, batch: int) -> None:
 
 
 class TensorRTBackend:
+    uses_torch_threads = False
     name = "tensorrt"
 
     def __init__(self, bundle: "Bundle", settings: TensorRTSettings, device: str = "cuda") -> None:

@@ -33,6 +33,7 @@ class TorchSettings(PluginSettings):
 
 
 class TorchBackend:
+    uses_torch_threads = True
     name = "torch"
 
     def __init__(self, bundle: "Bundle", settings: TorchSettings, device: str = "cpu") -> None:
