@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import torch
 
+from engines.threads import torch_threads
+
 
 class GaussianAccumulator:
     """Running sums for per-position mean and covariance; never holds the embeddings."""
@@ -37,7 +39,9 @@ class GaussianAccumulator:
         cov = (self.outer - self.n * centred[:, :, None] * centred[:, None, :]) / (self.n - 1)
         cov += reg * torch.eye(cov.shape[-1], dtype=cov.dtype)
         mean = centred + self.shift[:, 0].double()
-        return mean.float(), torch.linalg.inv(cov).float()
+        with torch_threads(1):  # engines/threads.py: faster, and immune to MKL's threaded LU failing
+            inv_cov = torch.linalg.inv(cov)
+        return mean.float(), inv_cov.float()
 
 
 # Columns per block of the Cholesky factor. Measured on the head alone in OpenVINO on a 2-core CPU
@@ -51,7 +55,8 @@ def cholesky_blocks(inv_cov: torch.Tensor, width: int = BLOCK) -> dict[str, torc
     """The lower Cholesky factor L of each position's inverse covariance (``inv_cov = L L^T``), as
     column blocks without the zeros above the diagonal: ``chol_k = L[:, s:, s:s + width]`` with
     s = k * width, (P, D - s, width). Factorised in FP64, stored as float32."""
-    factor = torch.linalg.cholesky(inv_cov.double())
+    with torch_threads(1):  # as in GaussianAccumulator.finish
+        factor = torch.linalg.cholesky(inv_cov.double())
     d = factor.shape[-1]
     return {f"chol_{k}": factor[:, s:, s:s + width].float().contiguous() for k, s in enumerate(range(0, d, width))}
 

@@ -38,7 +38,6 @@ events once the frame's map is downloaded, so no stage adds a synchronise of its
 from __future__ import annotations
 
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import lru_cache
 from typing import TYPE_CHECKING, Iterator
@@ -49,6 +48,7 @@ import torch
 import torch.nn.functional as F
 
 from engines.masks import ObjectMask, load_mask
+from engines.threads import torch_threads
 from engines.tiling import Stitcher, TileGrid, make_grid, tiles_of
 
 if TYPE_CHECKING:
@@ -137,7 +137,7 @@ class Pipeline:
     @torch.inference_mode()
     def score(self, images: list[np.ndarray]) -> list[FrameScore]:
         """Score maps and image scores of ``images``, their tiles batched together."""
-        with _torch_threads(1 if self._one_torch_thread else None):
+        with torch_threads(1 if self._one_torch_thread else None):
             return self._score(images)
 
     def _score(self, images: list[np.ndarray]) -> list[FrameScore]:
@@ -263,16 +263,3 @@ class _Clock:
         event.record()
         return event
 
-
-@contextmanager
-def _torch_threads(n: int | None) -> Iterator[None]:
-    """torch on ``n`` CPU threads inside the block (None: as it is), as it was after it."""
-    before = torch.get_num_threads()
-    if n is None or n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)

@@ -89,6 +89,25 @@ def _features(bundle, x: torch.Tensor) -> torch.Tensor:
         return engine(x)[0]
 
 
+def test_gaussians_invert_after_torch_was_set_to_two_threads() -> None:
+    # On a 2-core AMD EPYC, torch 2.13's MKL failed its threaded LU of 150-channel covariances once
+    # torch.set_num_threads(2) had run (as a backend or the pipeline does): "Parameter 6 was incorrect
+    # on entry to DLASWP", then a hang. The fit inverts on one thread (engines/threads.py).
+    code = """
+import torch
+from engines.mahalanobis import GaussianAccumulator, cholesky_blocks
+torch.set_num_threads(2)
+acc = GaussianAccumulator(64, 150)
+acc.add(torch.randn(400, 150, 64))
+mean, inv = acc.finish(0.01)
+assert torch.isfinite(inv).all() and torch.isfinite(cholesky_blocks(inv)["chol_0"]).all()
+print("inverted")
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=120)
+    assert done.returncode == 0 and "inverted" in done.stdout, done.stderr[-2000:]
+    assert "DLASWP" not in done.stderr
+
+
 def test_the_previous_paths_full_inverse_head_scores_as_the_blocks(padim_bundle, sample_data: Path) -> None:
     t = padim_bundle.head_tensors()
     assert "inv_cov" not in t and {"chol_0", "mean"} <= set(t)
