@@ -262,4 +262,3 @@ class _Clock:
         event = torch.cuda.Event(enable_timing=True)
         event.record()
         return event
-
