@@ -44,6 +44,28 @@ _UNDECIDED = Decision(image_threshold=1.0, pixel_threshold=1.0, center=0.0, poli
                       pixel_quantile=1.0)
 
 
+# Frames squeezed more than this into the model input lose thin defects along the squeezed axis:
+# KolektorSDD's 1250 x 500 frames in 256 x 256 gave PaDiM a pixel AUPR of 0.10 on its test set,
+# 0.22 at [640, 256] (docs/engines.md).
+_SQUEEZE = 1.5
+
+
+def squeeze_advice(frames_hw: list[tuple[int, int]], input_hw: tuple[int, int]) -> str | None:
+    """Advice where resizing the frames to the model input changes their median aspect by more than
+    ``_SQUEEZE``, else None (frames of many shapes, such as MTD's crops, have no one aspect to keep)."""
+    aspects = sorted(h / w for h, w in frames_hw)
+    aspect = aspects[len(aspects) // 2]
+    factor = aspect / (input_hw[0] / input_hw[1])
+    if max(factor, 1 / factor) < _SQUEEZE:
+        return None
+    short = min(input_hw)
+    long = max(32, round(short * max(aspect, 1 / aspect) / 32) * 32)
+    keep = [long, short] if aspect >= 1 else [short, long]
+    return (f"frames of median aspect {aspect:.2f} (height / width) are squeezed {max(factor, 1 / factor):.1f}:1 into "
+            f"the {input_hw[0]}x{input_hw[1]} model input, which blurs thin defects along one axis; "
+            f"model.input_size {keep} keeps their aspect (or model.tiling.enabled: true)")
+
+
 def split_train(paths: list[Path], holdout: float, seed: int) -> tuple[list[Path], list[Path]]:
     """A deterministic split of train/good into fit and held-out validation images."""
     shuffled = list(paths)
@@ -102,6 +124,9 @@ def _write_bundle(data: Path, path: Path, cfg: ModelConfig, progress: bool) -> M
     paths = [s.path for s in train_samples(data)]
     fit_paths, val_paths = split_train(paths, cfg.holdout, cfg.seed)
     val_images = [read_image(p) for p in val_paths]
+    advice = None if cfg.tiling.enabled else squeeze_advice([i.shape[:2] for i in val_images], cfg.input_hw)
+    if advice:
+        log.warning(advice)
     tap_search = None
     if cfg.taps == "auto":
         from calibration.taps import search_taps

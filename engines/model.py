@@ -32,7 +32,8 @@ class ModelSpec(Settings):
     taps: list[str] = Field(default_factory=lambda: list(MethodSettings.default_taps), min_length=1,
                             json_schema_extra={"follows": "method"}, description=TAPS)
     input_size: list[int] = Field(default_factory=lambda: [256, 256],
-                                  description="model input [height, width]; multiples of 32")
+                                  description="model input [height, width]; multiples of 32 (calibrate warns where "
+                                              "frames of another aspect would be squeezed more than 1.5:1)")
     blur_sigma: float = Field(4.0, ge=0.0, description="Gaussian blur of the score map, in input pixels; 0 = off")
     tiling: TilingConfig = Field(default_factory=TilingConfig, description="high-resolution frames: tiles instead "
                                                                            "of one resized image")
