@@ -53,8 +53,7 @@ _SQUEEZE = 1.5
 def squeeze_advice(frames_hw: list[tuple[int, int]], input_hw: tuple[int, int]) -> str | None:
     """Advice where resizing the frames to the model input changes their median aspect by more than
     ``_SQUEEZE``, else None (frames of many shapes, such as MTD's crops, have no one aspect to keep)."""
-    aspects = sorted(h / w for h, w in frames_hw)
-    aspect = aspects[len(aspects) // 2]
+    aspect = float(np.median([h / w for h, w in frames_hw]))
     factor = aspect / (input_hw[0] / input_hw[1])
     if max(factor, 1 / factor) < _SQUEEZE:
         return None
