@@ -314,10 +314,16 @@ def _taps_html(search: dict[str, Any] | None) -> str:
 def _lead_html(search: dict[str, Any]) -> str:
     if search.get("lead") is None:
         return ""
-    verdict = "replaces" if search["chosen"] != search["default"] else "does not replace"
-    return (f" The first of the ranking led the default taps ({html.escape(' + '.join(search['default']))}) in "
-            f"{100 * search['lead']:.0f}% of paired bootstrap resamples, so it {verdict} them "
-            f"(it must lead in {100 * search['confidence']:.0f}%).")
+    margin = f" by {100 * search['margin']:.0f}%" if search.get("margin") else ""
+    if search["chosen"] != search["default"]:
+        verdict = "so it replaces them"
+    elif search["lead"] >= search["confidence"]:
+        verdict = "but it trails them on image AUROC, so the default stays"
+    else:
+        verdict = "so the default stays"
+    return (f" The first of the ranking led the default taps ({html.escape(' + '.join(search['default']))}){margin} in "
+            f"{100 * search['lead']:.0f}% of paired bootstrap resamples (it must in {100 * search['confidence']:.0f}%),"
+            f" {verdict}.")
 
 
 def _html_row(name: str, m: MetricSet) -> str:

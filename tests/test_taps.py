@@ -163,3 +163,14 @@ def test_the_default_stays_unless_the_best_clearly_leads_it_on_both_measures():
     trailing = Candidate(taps, 0.6, 0.85, 100, 1.0)
     chosen, lead = choose(trailing, default, maps(good, weak), truth, rng)
     assert chosen == default_taps and lead == 1.0
+
+
+def test_the_report_says_why_the_default_stayed_or_went():
+    from calibration.report import _lead_html
+
+    search = {"default": ["stage3", "stage4", "stage5"], "confidence": 0.9, "margin": 0.05}
+    assert "so it replaces them" in _lead_html({**search, "chosen": ["stage4"], "lead": 0.95})
+    short = _lead_html({**search, "chosen": search["default"], "lead": 0.5})
+    assert "by 5% in 50%" in short and "so the default stays" in short
+    assert "trails them on image AUROC" in _lead_html({**search, "chosen": search["default"], "lead": 0.95})
+    assert _lead_html({**search, "chosen": ["stage4"], "lead": None}) == ""
