@@ -14,7 +14,7 @@ import torch
 
 from calibration.data import read_image, test_samples as list_test_samples
 from engines.build import is_score_graph
-from engines.bundle import MANIFEST, ONNX, load_bundle, write_manifest
+from engines.bundle import ONNX, load_bundle, write_manifest
 from engines.mahalanobis import MahalanobisHead, cholesky_blocks, inverse_from_blocks
 from engines.previous_path import InverseHead
 from engines.runtimes.base import BackendError

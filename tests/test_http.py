@@ -25,7 +25,7 @@ from agent.http import HttpServer, HttpSettings
 from agent.page import RecentFrames
 from agent.verdict import Inspection, ModelInfo, Region, Verdict
 from conftest import free_port
-from mqtt_client import WAIT_S, subscribers, wait_until  # noqa: F401  (fixture)
+from mqtt_client import WAIT_S, wait_until
 from test_service import PREFIX, start_agent, write_config
 
 CHROMIUM = next((shutil.which(name) for name in ("chromium", "chromium-browser", "google-chrome")

@@ -9,7 +9,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -20,13 +19,12 @@ import numpy as np
 import paho.mqtt.client as mqtt
 import pytest
 from jsonschema import Draft202012Validator
-from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.mqtt import MqttConfig, Publisher, image_root, image_topic, last_ng_topic, read_password
 from agent.spool import Spool
 from agent.verdict import Inspection, ModelInfo, Region, Verdict
 
-from mqtt_client import PREFIX, WAIT_S, Subscriber, subscribers, wait_until  # noqa: F401  (fixture)
+from mqtt_client import PREFIX, WAIT_S, wait_until
 
 REPO = Path(__file__).resolve().parents[1]
 

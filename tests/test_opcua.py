@@ -16,7 +16,6 @@ from asyncua.crypto.security_policies import SecurityPolicyBasic256Sha256
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from conftest import free_port
-from mqtt_client import subscribers  # noqa: F401  (fixture)
 from test_service import PREFIX, finish, start_agent, write_config
 
 STATION = "line7-cam1"

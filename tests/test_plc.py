@@ -15,7 +15,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from mqtt_client import WAIT_S, subscribers, wait_until  # noqa: F401  (fixture)
+from mqtt_client import WAIT_S, wait_until
 from test_service import PREFIX, REPO, SCHEMA, finish, start_agent, write_config
 
 REPLIES = "plc/station1/replies"

@@ -14,12 +14,11 @@ from typing import Any
 
 import cv2
 import numpy as np
-import pytest
 import yaml
 from jsonschema import Draft202012Validator
 
 from conftest import AGENTS
-from mqtt_client import WAIT_S, subscribers  # noqa: F401  (fixture)
+from mqtt_client import WAIT_S
 
 REPO = Path(__file__).resolve().parents[1]
 PREFIX = "plant/line7"

@@ -20,7 +20,7 @@ from paho.mqtt.enums import CallbackAPIVersion
 
 from agent.sparkplug import DEVICE_METRICS
 from conftest import AGENTS
-from mqtt_client import WAIT_S, subscribers, wait_until  # noqa: F401  (fixture)
+from mqtt_client import WAIT_S, wait_until
 from test_service import PREFIX, start_agent, write_config
 
 REPO = Path(__file__).resolve().parents[1]

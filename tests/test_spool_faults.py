@@ -21,7 +21,7 @@ from agent.mqtt import image_root, image_topic
 from agent.spool import Message, Spool, SpoolWriteError
 
 from conftest import fill
-from mqtt_client import PREFIX, subscribers, wait_until  # noqa: F401  (fixture)
+from mqtt_client import PREFIX, wait_until
 from test_mqtt import config, make_inspection, publishers, verdict_only  # noqa: F401  (fixture)
 
 

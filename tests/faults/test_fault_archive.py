@@ -14,7 +14,6 @@ from jsonschema import Draft202012Validator
 
 from conftest import fill, remount
 from fault_helpers import PREFIX, REPO, Agent, synthetic, verdicts, wait_until, write_config
-from mqtt_client import subscribers  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 

@@ -13,7 +13,6 @@ from PIL import Image
 
 from calibration.synthetic import synthetic_part
 from fault_helpers import run_agent, verdicts, wait_until, write_config
-from mqtt_client import subscribers  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,6 @@ import pytest
 
 from fault_helpers import (Agent, check_config, one_line_error, run_agent, synthetic, verdicts, wait_until,
                            write_config)
-from mqtt_client import subscribers  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 

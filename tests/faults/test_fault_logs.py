@@ -9,7 +9,6 @@ import subprocess
 import pytest
 
 from fault_helpers import Agent, synthetic, verdicts, wait_until, write_config
-from mqtt_client import subscribers  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 

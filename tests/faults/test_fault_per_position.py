@@ -7,7 +7,6 @@ import shutil
 import pytest
 
 from fault_helpers import run_agent, verdicts, wait_until, write_config
-from mqtt_client import subscribers  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 

@@ -10,7 +10,6 @@ from pathlib import Path
 import pytest
 
 from fault_helpers import Agent, synthetic, verdicts, wait_until, write_config
-from mqtt_client import subscribers  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 

@@ -14,7 +14,6 @@ import pytest
 
 from calibration.synthetic import synthetic_part
 from fault_helpers import Agent, verdicts, wait_until, write_config
-from mqtt_client import subscribers  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
 
