@@ -32,12 +32,13 @@ PARITY_RTOL = 2e-3
 SIZE = [64, 64]
 
 # (name, method, on_features, tiled, other settings): every method, the feature variants (features
-# standardised per position: the feature autoencoders' default; per channel: ALGAN's), and tiles for the GAN.
+# standardised per position: the feature autoencoders' default; per channel: ALGAN's; ALGAN's map
+# with and without its spread scale), and tiles for the GAN.
 VARIANTS = [("ae-l2", "ae-l2", False, False, {}), ("ae-ssim", "ae-ssim", False, False, {}),
             ("ae-l2-features", "ae-l2", True, False, {}), ("gan", "gan", False, False, {}),
             ("gan-tiled", "gan", False, True, {}), ("algan", "algan", False, False, {}),
             ("algan-features", "algan", True, False, {}),
-            ("algan-features-by-position", "algan", True, False, {"standardise": "position"})]
+            ("algan-features-by-position", "algan", True, False, {"standardise": "position", "spread_scale": False})]
 BY_NAME = {v[0]: v for v in VARIANTS}
 
 
@@ -202,6 +203,20 @@ def test_feature_standardisation_is_fitted_per_channel_or_per_position(bundles: 
     assert net.feature_mean.shape == (1, net.features.channels, *(grid if by_position else (1, 1)))
     if by_position:  # fitted: positions differ (the border's features are not the centre's)
         assert (net.feature_mean.flatten(2).std(-1) > 1e-3).any()
+
+
+def test_algan_divides_each_position_by_its_spread_on_good_parts(bundles: dict) -> None:
+    scaled, plain = bundles["algan-features"], bundles["algan-features-by-position"]
+    assert "inverse_spread" not in plain.head_tensors()
+    inverse = scaled.head_tensors()["inverse_spread"]
+    net = pipeline(scaled).backend.net
+    assert inverse.shape == (SIZE[0] // net.engine.network.features.stride, SIZE[1] // net.engine.network.features.stride)
+    assert (inverse > 0).all() and inverse.std() > 0   # fitted: positions differ
+    assert "best_val_scaled" in scaled.manifest.score_stats["fit"]
+    x = torch.randint(0, 256, (2, *SIZE, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = net.engine(x)[0]
+        torch.testing.assert_close(net.head([logits]), torch.nn.functional.softplus(-logits[:, 0]) * inverse)
 
 
 def test_algan_map_is_spatial(bundles: dict, sample_data: Path) -> None:

@@ -27,6 +27,7 @@ G(z), G(spread * z) and an early generator snapshot; binary cross-entropy).
 from __future__ import annotations
 
 import copy
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -137,14 +138,32 @@ def network(spec: ModelSpec, pretrained: bool = False, weights: str | None = Non
 
 
 def head(spec: ModelSpec, tensors: dict[str, torch.Tensor]) -> nn.Module:
-    return AlganHead()
+    return AlganHead(tensors.get("inverse_spread"))
 
 
 class AlganHead(nn.Module):
-    """Logit map -> softplus(-logit): near 0 where surely good, growing with -D where anomalous."""
+    """Logit map -> softplus(-logit): near 0 where surely good, growing with -D where anomalous;
+    with ``inverse_spread`` (h, w) each position is divided by its spread on good parts
+    (``spread_scale``; bundles written before it have none)."""
+
+    def __init__(self, inverse_spread: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.inverse_spread: torch.Tensor | None
+        self.register_buffer("inverse_spread", None if inverse_spread is None else inverse_spread.float())
 
     def forward(self, outputs: list[torch.Tensor]) -> torch.Tensor:
-        return F.softplus(-outputs[0][:, 0])
+        score = F.softplus(-outputs[0][:, 0])
+        return score if self.inverse_spread is None else score * self.inverse_spread
+
+
+def inverse_spread(score_maps: Callable[[torch.Tensor], torch.Tensor], data: torch.Tensor, batch_size: int,
+                   device: torch.device) -> torch.Tensor:
+    """1 / (each position's deviation of ``score_maps`` over ``data``), the deviation floored at a
+    tenth of its mean so that no position is multiplied without bound."""
+    with torch.no_grad():
+        maps = torch.cat([score_maps(f).cpu() for f in batched(data, batch_size, device)])
+    spread = maps.std(0)
+    return 1.0 / spread.clamp_min(0.1 * float(spread.mean()) + 1e-12)
 
 
 # --- fitting -------------------------------------------------------------------------------------
@@ -227,10 +246,19 @@ def _fit_features(spec: ModelSpec, context: FitContext) -> Fitted:
 
     log = fit_loop(trained, data, step, criterion, t.epochs, t.patience, t.batch_size, gen, device,
                    "algan training", context.progress, t.max_minutes * 60, t.weight_average)
+    info = {"samples": len(data), "validation": "synthetic defects" if validation else "loss", **log.to_dict()}
+    head_tensors = {}
+    if t.spread_scale:
+        # From the fitted weights, once: the per-frame head only multiplies.
+        score = lambda f: F.softplus(-net.judge(f)[:, 0])  # noqa: E731
+        inverse = inverse_spread(score, data, t.batch_size, device)
+        head_tensors["inverse_spread"] = inverse
+        if validation is not None:
+            scaled = inverse.to(device)
+            with torch.no_grad():
+                info["best_val_scaled"] = validation.error(lambda f: score(f) * scaled, context.batch_size, device)
     network_state = {k: v.detach().cpu().contiguous() for k, v in graph.cpu().state_dict().items()}
-    return Fitted(network_state=network_state, head_tensors={},
-                  info={"samples": len(data), "validation": "synthetic defects" if validation else "loss",
-                        **log.to_dict()})
+    return Fitted(network_state=network_state, head_tensors=head_tensors, info=info)
 
 
 def _fit_pixels(spec: ModelSpec, context: FitContext) -> Fitted:
