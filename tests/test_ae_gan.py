@@ -38,6 +38,7 @@ VARIANTS = [("ae-l2", "ae-l2", False, False, {}), ("ae-ssim", "ae-ssim", False, 
             ("ae-l2-features", "ae-l2", True, False, {}), ("gan", "gan", False, False, {}),
             ("gan-tiled", "gan", False, True, {}), ("algan", "algan", False, False, {}),
             ("algan-features", "algan", True, False, {}),
+            ("algan-features-scaled", "algan", True, False, {"spread_scale": True}),
             ("algan-features-by-position", "algan", True, False, {"standardise": "position", "spread_scale": False})]
 BY_NAME = {v[0]: v for v in VARIANTS}
 
@@ -206,17 +207,21 @@ def test_feature_standardisation_is_fitted_per_channel_or_per_position(bundles: 
 
 
 def test_algan_divides_each_position_by_its_spread_on_good_parts(bundles: dict) -> None:
-    scaled, plain = bundles["algan-features"], bundles["algan-features-by-position"]
-    assert "inverse_spread" not in plain.head_tensors()
+    scaled, plain = bundles["algan-features-scaled"], bundles["algan-features-by-position"]
+    assert "inverse_spread" not in plain.head_tensors() and not plain.manifest.score_stats["fit"]["spread_scale"]
     inverse = scaled.head_tensors()["inverse_spread"]
     net = pipeline(scaled).backend.net
-    assert inverse.shape == (SIZE[0] // net.engine.network.features.stride, SIZE[1] // net.engine.network.features.stride)
+    stride = net.engine.network.features.stride
+    assert inverse.shape == (SIZE[0] // stride, SIZE[1] // stride)
     assert (inverse > 0).all() and inverse.std() > 0   # fitted: positions differ
-    assert "best_val_scaled" in scaled.manifest.score_stats["fit"]
     x = torch.randint(0, 256, (2, *SIZE, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         logits = net.engine(x)[0]
         torch.testing.assert_close(net.head([logits]), torch.nn.functional.softplus(-logits[:, 0]) * inverse)
+    # auto (the default) keeps the scale only where it lowers the stopping criterion.
+    fit = bundles["algan-features"].manifest.score_stats["fit"]
+    assert fit["spread_scale"] == (fit["best_val_scaled"] < fit["best_val"])
+    assert fit["spread_scale"] == ("inverse_spread" in bundles["algan-features"].head_tensors())
 
 
 def test_algan_map_is_spatial(bundles: dict, sample_data: Path) -> None:

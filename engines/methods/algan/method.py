@@ -248,15 +248,17 @@ def _fit_features(spec: ModelSpec, context: FitContext) -> Fitted:
                    "algan training", context.progress, t.max_minutes * 60, t.weight_average)
     info = {"samples": len(data), "validation": "synthetic defects" if validation else "loss", **log.to_dict()}
     head_tensors = {}
-    if t.spread_scale:
+    if t.spread_scale is True or (t.spread_scale == "auto" and validation is not None):
         # From the fitted weights, once: the per-frame head only multiplies.
         score = lambda f: F.softplus(-net.judge(f)[:, 0])  # noqa: E731
         inverse = inverse_spread(score, data, t.batch_size, device)
-        head_tensors["inverse_spread"] = inverse
         if validation is not None:
             scaled = inverse.to(device)
             with torch.no_grad():
                 info["best_val_scaled"] = validation.error(lambda f: score(f) * scaled, context.batch_size, device)
+        if t.spread_scale is True or info["best_val_scaled"] < log.best_val:
+            head_tensors["inverse_spread"] = inverse
+    info["spread_scale"] = "inverse_spread" in head_tensors
     network_state = {k: v.detach().cpu().contiguous() for k, v in graph.cpu().state_dict().items()}
     return Fitted(network_state=network_state, head_tensors=head_tensors, info=info)
 
