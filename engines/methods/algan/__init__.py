@@ -3,7 +3,7 @@
 pseudo-anomalous ones, is the detector; its per-position logit map is the score map.
 
 On features (the default) it is the stronger variant, though still short of PaDiM on MTD
-(image AUROC 0.90 against 0.97 with its defaults, docs/engines.md); on pixels it is the original image-space
+(image AUROC 0.91 against 0.97 with its defaults, docs/engines.md); on pixels it is the original image-space
 ALGAN, kept for small aligned images (it needs no backbone) but near chance on textured parts
 such as MTD's tiles.
 """
