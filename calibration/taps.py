@@ -32,7 +32,8 @@ whole ranking:
                        the part (MTD at 320 px: stage3+5 led on pixel AUPR, trailed on image
                        AUROC, 0.877 against 0.886, and lost 0.003 on test/). All three rules were
                        set after seeing those test results; docs/engines.md has the figures
-                       either way, and the checks run afterwards on sizes never seen before.
+                       either way, and those of checks run afterwards on sizes and seeds that
+                       shaped no rule.
 
 Candidate stages are those at stride ``tap_search.min_stride`` or coarser (8 by default: Lite0
 stage3..7, 25 sets). A stride-4 stage holds 4 times the positions (and Gaussians) of a stride-8
