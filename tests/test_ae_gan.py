@@ -218,10 +218,11 @@ def test_algan_divides_each_position_by_its_spread_on_good_parts(bundles: dict) 
     with torch.no_grad():
         logits = net.engine(x)[0]
         torch.testing.assert_close(net.head([logits]), torch.nn.functional.softplus(-logits[:, 0]) * inverse)
-    # auto (the default) keeps the scale only where it lowers the stopping criterion.
-    fit = bundles["algan-features"].manifest.score_stats["fit"]
-    assert fit["spread_scale"] == (fit["best_val_scaled"] < fit["best_val"])
-    assert fit["spread_scale"] == ("inverse_spread" in bundles["algan-features"].head_tensors())
+    # auto (the default) keeps the scale only where it lowers the stopping criterion, on features and pixels.
+    for name in ("algan-features", "algan"):
+        fit = bundles[name].manifest.score_stats["fit"]
+        assert fit["spread_scale"] == (fit["best_val_scaled"] < fit["best_val"])
+        assert fit["spread_scale"] == ("inverse_spread" in bundles[name].head_tensors())
 
 
 def test_algan_map_is_spatial(bundles: dict, sample_data: Path) -> None:

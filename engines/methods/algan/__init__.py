@@ -41,7 +41,7 @@ class AlganSettings(TrainedSettings):
     # The criterion (held-out good images plus synthetic defects) on MTD, two splits: 0.506 -> 0.499
     # and 0.572 -> 0.559; on KSDD's tiles 0.619 -> 0.627, so each calibration decides (auto).
     spread_scale: bool | Literal["auto"] = Field(
-        "auto", description="features: divide the map at each position by its spread over the good training "
+        "auto", description="divide the map at each position by its spread over the good training "
                             "images, so where good parts vary (a border, a rim) a defect must stand out further; "
                             "auto: where it lowers the stopping criterion on the held-out images and synthetic "
                             "defects (without them: off)")

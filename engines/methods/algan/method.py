@@ -39,7 +39,7 @@ from engines.methods.algan import AlganSettings
 from engines.methods.autoencoder.method import PIXEL_CHANNELS, Decoder, check_size
 from engines.model import ModelSpec
 from engines.training import batched, fit_loop, load_all, seed_everything, standardise, train_device
-from engines.validation import prepare_validation
+from engines.validation import PreparedValidation, prepare_validation
 
 AGGREGATE = 3                        # SimpleNet's local neighbourhood (3x3) of each feature position
 PIXEL_DISC_CHANNELS = (16, 32, 64)   # stride-2 levels of the pixel discriminator (stride 8 map)
@@ -247,20 +247,29 @@ def _fit_features(spec: ModelSpec, context: FitContext) -> Fitted:
     log = fit_loop(trained, data, step, criterion, t.epochs, t.patience, t.batch_size, gen, device,
                    "algan training", context.progress, t.max_minutes * 60, t.weight_average)
     info = {"samples": len(data), "validation": "synthetic defects" if validation else "loss", **log.to_dict()}
+    head_tensors = _spread_scale(t, lambda f: F.softplus(-net.judge(f)[:, 0]), data, validation, log.best_val,
+                                 info, context.batch_size, device)
+    network_state = {k: v.detach().cpu().contiguous() for k, v in graph.cpu().state_dict().items()}
+    return Fitted(network_state=network_state, head_tensors=head_tensors, info=info)
+
+
+def _spread_scale(t: AlganSettings, score: Callable[[torch.Tensor], torch.Tensor], data: torch.Tensor,
+                  validation: PreparedValidation | None, best_val: float, info: dict, batch_size: int,
+                  device: torch.device) -> dict[str, torch.Tensor]:
+    """The head's ``inverse_spread`` where ``spread_scale`` asks for it (auto: where it lowers the
+    criterion of the kept weights), from those weights, once: the per-frame head only multiplies.
+    Notes ``best_val_scaled`` and ``spread_scale`` in ``info``."""
     head_tensors = {}
     if t.spread_scale is True or (t.spread_scale == "auto" and validation is not None):
-        # From the fitted weights, once: the per-frame head only multiplies.
-        score = lambda f: F.softplus(-net.judge(f)[:, 0])  # noqa: E731
         inverse = inverse_spread(score, data, t.batch_size, device)
         if validation is not None:
             scaled = inverse.to(device)
             with torch.no_grad():
-                info["best_val_scaled"] = validation.error(lambda f: score(f) * scaled, context.batch_size, device)
-        if t.spread_scale is True or info["best_val_scaled"] < log.best_val:
+                info["best_val_scaled"] = validation.error(lambda x: score(x) * scaled, batch_size, device)
+        if t.spread_scale is True or info["best_val_scaled"] < best_val:
             head_tensors["inverse_spread"] = inverse
     info["spread_scale"] = "inverse_spread" in head_tensors
-    network_state = {k: v.detach().cpu().contiguous() for k, v in graph.cpu().state_dict().items()}
-    return Fitted(network_state=network_state, head_tensors=head_tensors, info=info)
+    return head_tensors
 
 
 def _fit_pixels(spec: ModelSpec, context: FitContext) -> Fitted:
@@ -314,10 +323,12 @@ def _fit_pixels(spec: ModelSpec, context: FitContext) -> Fitted:
     log = fit_loop({"discriminator": disc, "generator": generator}, data, step, criterion, t.epochs, t.patience,
                    t.batch_size, gen, device, "algan training", context.progress, t.max_minutes * 60,
                    t.weight_average)
+    info = {"samples": len(data), "snapshot_step": snapshot_at,
+            "validation": "synthetic defects" if validation else "loss", **log.to_dict()}
+    head_tensors = _spread_scale(t, lambda x: F.softplus(-disc(x)[:, 0]), data, validation, log.best_val, info,
+                                 context.batch_size, device)
     network_state = {k: v.detach().cpu().contiguous() for k, v in graph.cpu().state_dict().items()}
-    return Fitted(network_state=network_state, head_tensors={},
-                  info={"samples": len(data), "snapshot_step": snapshot_at,
-                        "validation": "synthetic defects" if validation else "loss", **log.to_dict()})
+    return Fitted(network_state=network_state, head_tensors=head_tensors, info=info)
 
 
 def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:
