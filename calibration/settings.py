@@ -34,9 +34,9 @@ class ModelConfig(ModelSpec):
         default_factory=lambda: list(MethodSettings.default_taps), min_length=1,
         json_schema_extra={"follows": "method"},
         description=TAPS + "; or auto: every set of one to three stages ranked at calibration on held-out good "
-                           "images plus synthetic defects, the default kept unless the best clearly leads it on pixel AUPR "
-                           "and does not trail it on image AUROC (PaDiM, untiled; the ranking goes into the bundle "
-                           "and the evaluate report)")
+                           "images plus synthetic defects, the default kept unless the best clearly leads it on "
+                           "pixel AUPR and does not trail it on image AUROC (PaDiM, untiled; the ranking goes into "
+                           "the bundle and the evaluate report)")
     tap_search: TapSearchConfig = Field(default_factory=TapSearchConfig, description="taps: auto: the search")
     weights: ConfigPath | None = Field(None, description="torchvision-format .pth state dict; required for the "
                                                          "ResNets")

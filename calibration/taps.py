@@ -168,10 +168,10 @@ def search_taps(spec: ModelSpec, fit_paths: list[Path], held_out: list[np.ndarra
         log.info("taps %s: pixel AUPR %.4f, image AUROC %.4f (%.1f s)", "+".join(taps), aupr, auroc,
                  time.perf_counter() - t)
     ranking.sort(key=lambda c: (-c.pixel_aupr, -c.image_auroc))
-    chosen, lead = choose(ranking[0], next((c for c in ranking if tuple(c.taps) == default), None), kept, truth,
-                          np.random.default_rng(seed))
+    default_candidate = next((c for c in ranking if tuple(c.taps) == default), None)
+    chosen, lead = choose(ranking[0], default_candidate, kept, truth, np.random.default_rng(seed))
     search = TapSearch(chosen, ranking, len(held_out), len(synthetic), time.perf_counter() - start,
-                       list(default) if default in kept else None, lead)
+                       default_candidate.taps if default_candidate else None, lead)
     log.info("taps: auto chose %s (best %s: pixel AUPR %.4f, image AUROC %.4f on %d held-out good + %d synthetic "
              "defects; %d candidates in %.0f s)", search.chosen, ranking[0].taps, ranking[0].pixel_aupr,
              ranking[0].image_auroc, len(held_out), len(synthetic), len(ranking), search.seconds)

@@ -77,6 +77,12 @@ def standardise(data: torch.Tensor, per_position: bool = False) -> tuple[torch.T
     return (data - mean) / std, mean, std
 
 
+def floored_spread(spread: torch.Tensor) -> torch.Tensor:
+    """A per-position deviation of a score map on good inputs, floored at a tenth of its mean, so
+    that no position divides by ~0 (the trained methods' per-position map statistics)."""
+    return spread.clamp_min(0.1 * float(spread.mean()) + 1e-12)
+
+
 def shuffled(data: torch.Tensor, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
     order = torch.randperm(len(data), generator=gen)
     for i in range(0, len(data), batch_size):

@@ -38,7 +38,8 @@ from engines.methods import FitContext, Fitted
 from engines.methods.algan import AlganSettings
 from engines.methods.autoencoder.method import PIXEL_CHANNELS, Decoder, check_size
 from engines.model import ModelSpec
-from engines.training import batched, fit_loop, load_all, seed_everything, standardise, train_device
+from engines.training import (batched, fit_loop, floored_spread, load_all, seed_everything, standardise,
+                              train_device)
 from engines.validation import PreparedValidation, prepare_validation
 
 AGGREGATE = 3                        # SimpleNet's local neighbourhood (3x3) of each feature position
@@ -158,12 +159,10 @@ class AlganHead(nn.Module):
 
 def inverse_spread(score_maps: Callable[[torch.Tensor], torch.Tensor], data: torch.Tensor, batch_size: int,
                    device: torch.device) -> torch.Tensor:
-    """1 / (each position's deviation of ``score_maps`` over ``data``), the deviation floored at a
-    tenth of its mean so that no position is multiplied without bound."""
+    """1 / (each position's deviation of ``score_maps`` over ``data``), floored (engines/training.py)."""
     with torch.no_grad():
         maps = torch.cat([score_maps(f).cpu() for f in batched(data, batch_size, device)])
-    spread = maps.std(0)
-    return 1.0 / spread.clamp_min(0.1 * float(spread.mean()) + 1e-12)
+    return 1.0 / floored_spread(maps.std(0))
 
 
 # --- fitting -------------------------------------------------------------------------------------
@@ -246,30 +245,30 @@ def _fit_features(spec: ModelSpec, context: FitContext) -> Fitted:
 
     log = fit_loop(trained, data, step, criterion, t.epochs, t.patience, t.batch_size, gen, device,
                    "algan training", context.progress, t.max_minutes * 60, t.weight_average)
-    info = {"samples": len(data), "validation": "synthetic defects" if validation else "loss", **log.to_dict()}
-    head_tensors = _spread_scale(t, lambda f: F.softplus(-net.judge(f)[:, 0]), data, validation, log.best_val,
-                                 info, context.batch_size, device)
+    head_tensors, scale_info = _spread_scale(t, lambda f: F.softplus(-net.judge(f)[:, 0]), data, validation,
+                                             log.best_val, context.batch_size, device)
     network_state = {k: v.detach().cpu().contiguous() for k, v in graph.cpu().state_dict().items()}
-    return Fitted(network_state=network_state, head_tensors=head_tensors, info=info)
+    return Fitted(network_state=network_state, head_tensors=head_tensors,
+                  info={"samples": len(data), "validation": "synthetic defects" if validation else "loss",
+                        **log.to_dict(), **scale_info})
 
 
 def _spread_scale(t: AlganSettings, score: Callable[[torch.Tensor], torch.Tensor], data: torch.Tensor,
-                  validation: PreparedValidation | None, best_val: float, info: dict, batch_size: int,
-                  device: torch.device) -> dict[str, torch.Tensor]:
-    """The head's ``inverse_spread`` where ``spread_scale`` asks for it (auto: where it lowers the
-    criterion of the kept weights), from those weights, once: the per-frame head only multiplies.
-    Notes ``best_val_scaled`` and ``spread_scale`` in ``info``."""
-    head_tensors = {}
-    if t.spread_scale is True or (t.spread_scale == "auto" and validation is not None):
-        inverse = inverse_spread(score, data, t.batch_size, device)
-        if validation is not None:
-            scaled = inverse.to(device)
-            with torch.no_grad():
-                info["best_val_scaled"] = validation.error(lambda x: score(x) * scaled, batch_size, device)
-        if t.spread_scale is True or info["best_val_scaled"] < best_val:
-            head_tensors["inverse_spread"] = inverse
-    info["spread_scale"] = "inverse_spread" in head_tensors
-    return head_tensors
+                  validation: PreparedValidation | None, best_val: float, batch_size: int,
+                  device: torch.device) -> tuple[dict[str, torch.Tensor], dict]:
+    """(head tensors, fit info): the head's ``inverse_spread`` where ``spread_scale`` asks for it
+    (auto: where it lowers the criterion of the kept weights), from those weights, once: the
+    per-frame head only multiplies."""
+    if t.spread_scale is False or (t.spread_scale == "auto" and validation is None):
+        return {}, {"spread_scale": False}
+    inverse = inverse_spread(score, data, batch_size, device)
+    info = {}
+    if validation is not None:
+        scaled = inverse.to(device)
+        with torch.no_grad():
+            info["best_val_scaled"] = validation.error(lambda x: score(x) * scaled, batch_size, device)
+    kept = t.spread_scale is True or info["best_val_scaled"] < best_val
+    return ({"inverse_spread": inverse} if kept else {}), {**info, "spread_scale": kept}
 
 
 def _fit_pixels(spec: ModelSpec, context: FitContext) -> Fitted:
@@ -323,12 +322,12 @@ def _fit_pixels(spec: ModelSpec, context: FitContext) -> Fitted:
     log = fit_loop({"discriminator": disc, "generator": generator}, data, step, criterion, t.epochs, t.patience,
                    t.batch_size, gen, device, "algan training", context.progress, t.max_minutes * 60,
                    t.weight_average)
-    info = {"samples": len(data), "snapshot_step": snapshot_at,
-            "validation": "synthetic defects" if validation else "loss", **log.to_dict()}
-    head_tensors = _spread_scale(t, lambda x: F.softplus(-disc(x)[:, 0]), data, validation, log.best_val, info,
-                                 context.batch_size, device)
+    head_tensors, scale_info = _spread_scale(t, lambda x: F.softplus(-disc(x)[:, 0]), data, validation,
+                                             log.best_val, context.batch_size, device)
     network_state = {k: v.detach().cpu().contiguous() for k, v in graph.cpu().state_dict().items()}
-    return Fitted(network_state=network_state, head_tensors=head_tensors, info=info)
+    return Fitted(network_state=network_state, head_tensors=head_tensors,
+                  info={"samples": len(data), "snapshot_step": snapshot_at,
+                        "validation": "synthetic defects" if validation else "loss", **log.to_dict(), **scale_info})
 
 
 def _bce(logits: torch.Tensor, target: float) -> torch.Tensor:

@@ -24,7 +24,7 @@ from engines.methods.autoencoder.method import gaussian_window, ssim_map
 from engines.methods.gan import GanSettings
 from engines.methods.gan.corruption import corrupt
 from engines.model import ModelSpec
-from engines.training import batched, fit_loop, load_all, seed_everything, train_device
+from engines.training import batched, fit_loop, floored_spread, load_all, seed_everything, train_device
 
 FEATURE_TAPS = ("stage2", "stage3")  # stride 4 and 8: edges and small textures, before semantics
 LOSS_TAP = "stage2"                   # training's feature matching: the cheaper half (backward through Lite0)
@@ -275,5 +275,5 @@ def _statistics(graph: EngineGraph, held: torch.Tensor, batch_size: int, device:
         t = torch.cat(acc)
         mean = F.avg_pool2d(t.mean(0)[None, None], 3, 1, 1, count_include_pad=False)[0, 0]
         std = F.avg_pool2d(t.std(0)[None, None], 3, 1, 1, count_include_pad=False)[0, 0]
-        out[f"{name}_mean"], out[f"{name}_std"] = mean, std.clamp_min(0.1 * float(std.mean()) + 1e-12)
+        out[f"{name}_mean"], out[f"{name}_std"] = mean, floored_spread(std)
     return out
