@@ -34,12 +34,15 @@ class PreparedValidation:
     def error(self, score_maps: Callable[[torch.Tensor], torch.Tensor], batch_size: int,
               device: torch.device) -> float:
         """``1 - (image AUROC + pixel AP) / 2`` of ``score_maps`` (prepared batch -> (B, h, w) maps)."""
-        maps = []
-        for i in range(0, len(self.inputs), batch_size):
-            m = score_maps(self.inputs[i:i + batch_size].to(device)).float()
-            maps.append(F.interpolate(m[:, None], size=self.masks.shape[-2:], mode="bilinear",
-                                      align_corners=False)[:, 0].cpu())
-        scores = torch.cat(maps)
+        maps = [score_maps(self.inputs[i:i + batch_size].to(device)).float().cpu()
+                for i in range(0, len(self.inputs), batch_size)]
+        return self.error_of(torch.cat(maps))
+
+    def error_of(self, maps: torch.Tensor) -> float:
+        """The criterion of (N, h, w) maps already made, one per input in order (a method whose maps
+        need statistics of the whole set first)."""
+        scores = F.interpolate(maps.float()[:, None], size=self.masks.shape[-2:], mode="bilinear",
+                               align_corners=False)[:, 0]
         image = roc_auc(scores.flatten(1).amax(1).numpy(), self.labels.flatten().numpy())
         pixel = average_precision(scores.flatten().numpy(), self.masks.flatten().numpy())
         if image is None or pixel is None:  # a set without defects or without good images

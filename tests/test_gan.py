@@ -12,16 +12,18 @@ from jsonschema import Draft202012Validator
 
 from agent.frames import Frame
 from agent.inspector import Inspector
-from calibration.calibrate import calibrate, split_train
+from calibration.calibrate import calibrate, split_train, validation_set
 from calibration.data import read_image, test_samples as list_test_samples, train_samples
 from calibration.images import TrainImages
 from conftest import assert_runtime_parity, pipeline, small_model_config
 from engines.bundle import Bundle
+from engines.graph import build_engine
 from engines.methods import FitContext, implementation
 from engines.methods.gan.corruption import corrupt, defect_mask
 from engines.model import ModelSpec
 from engines.pipeline import Pipeline, model_inputs
 from engines.tiling import TilingConfig, make_grid
+from engines.validation import prepare_validation
 
 SIZE = [64, 64]
 PARITY_RTOL = 2e-3  # SSIM and feature distances are differences of nearly equal values
@@ -80,6 +82,37 @@ def test_training_is_reproducible_from_the_seed(sample_data: Path) -> None:
     assert any(not torch.equal(other[k], v) for k, v in same.items()), "the seed has no effect"
     assert runs[0].head_tensors.keys() == {"ssim_mean", "ssim_std", "feature_mean", "feature_std"}
     assert runs[0].info["epochs_run"] >= 1
+
+
+def test_detection_stopping_keeps_the_epoch_that_finds_synthetic_defects_best(sample_data: Path) -> None:
+    paths = [s.path for s in train_samples(sample_data)]
+    fit, held = split_train(paths, 0.2, 0)
+    images = [TrainImages(p, tuple(SIZE), TilingConfig(), 8, progress=False) for p in (fit, held)]
+    settings = {"kind": "gan", "epochs": 4, "batch_size": 8, "latent_dim": 16, "width": 4, "crop": 32,
+                "patience": 4, "epoch_inputs": 16, "stop_on": "detection"}
+    spec = small_model_config(settings, input_size=list(SIZE)).spec()
+    validation = validation_set([read_image(p) for p in held], 6, spec, 0)
+    fitted = implementation("gan").fit(spec, FitContext(*images, progress=False, validation=validation))
+    vals = [h["val"] for h in fitted.info["history"]]
+    assert fitted.info["best_val"] == min(vals) and vals[fitted.info["best_epoch"] - 1] == min(vals)
+    # The kept weights, under the head's statistics (from the same held-out good images), score the
+    # validation set exactly as the criterion did: the criterion is the detection of its defects.
+    engine = build_engine(spec)
+    engine.load_state_dict(fitted.network_state)
+    head = implementation("gan").head(spec, fitted.head_tensors)
+    with torch.no_grad():
+        maps = torch.cat([head(engine(x)) for x in validation.images.split(8)])
+    prepared = prepare_validation(validation, lambda x: x, 8, torch.device("cpu"))
+    assert prepared.error_of(maps) == pytest.approx(fitted.info["best_val"], abs=1e-4)
+    assert 0.0 <= fitted.info["best_val"] <= 1.0
+
+
+def test_detection_stopping_refuses_without_synthetic_defects(sample_data: Path) -> None:
+    paths = [s.path for s in train_samples(sample_data)]
+    images = [TrainImages(p, tuple(SIZE), TilingConfig(), 8, progress=False) for p in split_train(paths, 0.2, 0)]
+    spec = small_model_config({"kind": "gan", "stop_on": "detection"}, input_size=list(SIZE)).spec()
+    with pytest.raises(ValueError, match="validation_defects"):
+        implementation("gan").fit(spec, FitContext(*images, progress=False))
 
 
 # --- the coarse whole-frame pass -----------------------------------------------------------------

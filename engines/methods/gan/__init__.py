@@ -51,6 +51,13 @@ class GanSettings(TrainedSettings):
     feature_weight: float = Field(1.0, ge=0.0, description="feature matching on the frozen backbone's "
                                                            "stage2 features")
     adversarial_weight: float = Field(0.05, ge=0.0, description="fooling the PatchGAN discriminator")
+    # repair by default: on MTD's held-out good images the detection criterion is lowest for a barely
+    # trained generator (epoch 2) and rises as the repair error falls, and on KSDD's tiles it spends
+    # ~20 s of each epoch's budget. Both measured in docs/engines.md (sixth session).
+    stop_on: Literal["repair", "detection"] = Field(
+        "repair", description="what keeps the epoch: repair = the repair error of held-out good inputs given fixed "
+                              "synthetic defects; detection = how well the map finds calibration's synthetic defects "
+                              "among held-out good inputs (model.validation_defects), as the other trained methods")
     coarse_weight: float = Field(0.3, ge=0.0, le=1.0, description="tiled frames: weight of the coarse whole-frame "
                                                                    "pass in the map ((1 - w) tiles + w whole frame); "
                                                                    "0 = tiles only")

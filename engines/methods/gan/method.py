@@ -6,8 +6,11 @@ stride-4 map: 1 - SSIM of the grey images, pooled to stride 4, and the squared f
 distance, each standardised per position by its mean and deviation on held-out good inputs
 (head.safetensors), averaged. The score graph upsamples and blurs it as for every method.
 
-Validation criterion (no real defect): the repair error on held-out good inputs given fixed
-synthetic defects: how far the reconstruction of a damaged good input is from the good input.
+Validation criterion (no real defect), ``stop_on``: the repair error on held-out good inputs given
+fixed synthetic defects (how far the reconstruction of a damaged good input is from the good
+input), or how well the head's map finds calibration's synthetic defects among held-out good
+inputs (engines/validation.py), as the other trained methods; the per-position statistics the
+head standardises by are then taken, each epoch, from that set's good inputs.
 """
 from __future__ import annotations
 
@@ -25,6 +28,7 @@ from engines.methods.gan import GanSettings
 from engines.methods.gan.corruption import corrupt
 from engines.model import ModelSpec
 from engines.training import batched, fit_loop, floored_spread, load_all, seed_everything, train_device
+from engines.validation import prepare_validation
 
 FEATURE_TAPS = ("stage2", "stage3")  # stride 4 and 8: edges and small textures, before semantics
 LOSS_TAP = "stage2"                   # training's feature matching: the cheaper half (backward through Lite0)
@@ -155,8 +159,14 @@ class GanHead(nn.Module):
         self.register_buffer("window", gaussian_window(), persistent=False)
 
     def forward(self, outputs: list[torch.Tensor]) -> torch.Tensor:
-        ssim, feat = residual_terms(*outputs, self.window)
-        return 0.5 * ((ssim - self.ssim_mean) / self.ssim_std + (feat - self.feature_mean) / self.feature_std)
+        return standardised(*residual_terms(*outputs, self.window), self.ssim_mean, self.ssim_std,
+                            self.feature_mean, self.feature_std)
+
+
+def standardised(ssim: torch.Tensor, feat: torch.Tensor, ssim_mean: torch.Tensor, ssim_std: torch.Tensor,
+                 feature_mean: torch.Tensor, feature_std: torch.Tensor) -> torch.Tensor:
+    """The map: both terms standardised per position, averaged."""
+    return 0.5 * ((ssim - ssim_mean) / ssim_std + (feat - feature_mean) / feature_std)
 
 
 # --- fit -------------------------------------------------------------------------------------------
@@ -195,7 +205,13 @@ def fit(spec: ModelSpec, context: FitContext) -> Fitted:
     images = load_all(context.train, "images", keep)
     if spec.coarse_weight > 0:  # the coarse pass scores whole frames: the generator learns them too
         images = torch.cat([images, load_all(context.train.whole_frames(), "whole frames", keep)])
-    held = _held_out(context, graph, gen)
+    held = _held_out(context, graph, gen)  # drawn either way: both criteria train the same path
+    validation = None
+    if t.stop_on == "detection":
+        if context.validation is None or not len(context.validation):
+            raise ValueError("model.method.stop_on: detection needs synthetic defects to find; "
+                             "model.validation_defects is 0")
+        validation = prepare_validation(context.validation, lambda x: x, context.batch_size, device)
     side = min(t.crop, *spec.input_hw)
     window = gaussian_window().to(device)
     opt_g, opt_d = adam(net.generator.parameters(), t.lr), adam(net.discriminator.parameters(), t.lr)
@@ -228,13 +244,20 @@ def fit(spec: ModelSpec, context: FitContext) -> Fitted:
         opt_g.step()
         return {"rec": rec.item(), "feat": feat.item(), "d": d_loss.item()}
 
-    def criterion() -> float:
+    def repair_error() -> float:
         total = 0.0
         for clean, damaged in zip(batched(held[0], t.batch_size, device), batched(held[1], t.batch_size, device)):
             _, rec, feat = repair_loss(damaged, clean)
             total += float(t.reconstruction_weight * rec + t.feature_weight * feat) * len(clean)
         return total / len(held[0])
 
+    def detection_error() -> float:
+        ssim, feat = _terms(graph, validation.inputs, t.batch_size, device, window)
+        good = ~validation.labels
+        stats = _position_statistics(ssim[good], feat[good])
+        return validation.error_of(standardised(ssim, feat, *(stats[name] for name in STATISTICS)))
+
+    criterion = detection_error if validation is not None else repair_error
     # An epoch: one random crop per input, at most epoch_inputs (thousands of tiles would leave a
     # 15-minute budget one validation). fit_loop orders these indices; each step draws its crops.
     epoch = torch.arange(min(t.epoch_inputs, len(images)))
@@ -264,15 +287,26 @@ def _held_out(context: FitContext, graph: EngineGraph, gen: torch.Generator) -> 
 @torch.no_grad()
 def _statistics(graph: EngineGraph, held: torch.Tensor, batch_size: int, device: torch.device,
                 window: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per-position mean and deviation of both terms on held-out good uint8 inputs, smoothed over
-    3x3 positions; deviations floored at a tenth of their mean so no position divides by ~0."""
+    """The head's statistics from held-out good uint8 inputs."""
+    return _position_statistics(*_terms(graph, held, batch_size, device, window))
+
+
+@torch.no_grad()
+def _terms(graph: EngineGraph, inputs: torch.Tensor, batch_size: int, device: torch.device,
+           window: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both residual terms of uint8 ``inputs``, (N, h, w) each, on the CPU."""
     terms: list[list[torch.Tensor]] = [[], []]
-    for x in batched(held, batch_size, device):
+    for x in batched(inputs, batch_size, device):
         for acc, term in zip(terms, residual_terms(*graph(x), window)):
             acc.append(term.cpu())
+    return torch.cat(terms[0]), torch.cat(terms[1])
+
+
+def _position_statistics(ssim: torch.Tensor, feat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-position mean and deviation of both terms on good inputs, smoothed over 3x3 positions;
+    deviations floored so that no position divides by ~0."""
     out = {}
-    for name, acc in zip(("ssim", "feature"), terms):
-        t = torch.cat(acc)
+    for name, t in (("ssim", ssim), ("feature", feat)):
         mean = F.avg_pool2d(t.mean(0)[None, None], 3, 1, 1, count_include_pad=False)[0, 0]
         std = F.avg_pool2d(t.std(0)[None, None], 3, 1, 1, count_include_pad=False)[0, 0]
         out[f"{name}_mean"], out[f"{name}_std"] = mean, floored_spread(std)
