@@ -21,7 +21,8 @@ from calibration.images import TrainImages
 from calibration.settings import ModelConfig
 from conftest import assert_runtime_parity, pipeline, small_model_config
 from engines.methods import FitContext, implementation
-from engines.methods.autoencoder.method import gaussian_window, l2_residual, ssim_map, ssim_residual
+from engines.methods.autoencoder.method import (PositionCoder, gaussian_window, l2_residual, principal_directions,
+                                               ssim_map, ssim_residual)
 from engines.tiling import TilingConfig
 from engines.training import fit_loop
 
@@ -32,10 +33,12 @@ PARITY_RTOL = 2e-3
 SIZE = [64, 64]
 
 # (name, method, on_features, tiled, other settings): every method, the feature variants (features
-# standardised per position: the feature autoencoders' default; per channel: ALGAN's; ALGAN's map
-# with and without its spread scale), and tiles for the GAN.
+# standardised per position: the feature autoencoders' default; per channel: ALGAN's; the feature
+# autoencoder's per-position and shared coders; ALGAN's map with and without its spread scale), and
+# tiles for the GAN.
 VARIANTS = [("ae-l2", "ae-l2", False, False, {}), ("ae-ssim", "ae-ssim", False, False, {}),
-            ("ae-l2-features", "ae-l2", True, False, {}), ("gan", "gan", False, False, {}),
+            ("ae-l2-features", "ae-l2", True, False, {}),
+            ("ae-l2-features-shared", "ae-l2", True, False, {"coder": "shared"}), ("gan", "gan", False, False, {}),
             ("gan-tiled", "gan", False, True, {}), ("algan", "algan", False, False, {}),
             ("algan-features", "algan", True, False, {}),
             ("algan-features-scaled", "algan", True, False, {"spread_scale": True}),
@@ -190,7 +193,10 @@ def test_bundle_records_method_settings_and_training(bundles: dict, name: str) -
     assert getattr(m.model.method, "on_features", False) == on_features
     assert all(getattr(m.model.method, k) == v for k, v in other.items())
     fit = m.score_stats["fit"]
-    assert 1 <= fit["epochs_run"] <= 2 and len(fit["history"]) == fit["epochs_run"]
+    if fit.get("closed_form"):  # the per-position feature coder: fitted at once, judged all the same
+        assert name == "ae-l2-features" and fit["epochs_run"] == 0 and 0.0 <= fit["best_val"] <= 1.0
+    else:
+        assert 1 <= fit["epochs_run"] <= 2 and len(fit["history"]) == fit["epochs_run"]
     assert m.decision.image_threshold > m.decision.center
     for f in m.files:  # safetensors and ONNX only, no pickle
         assert not (bundles[name].path / f).read_bytes().startswith(b"\x80")
@@ -204,6 +210,29 @@ def test_feature_standardisation_is_fitted_per_channel_or_per_position(bundles: 
     assert net.feature_mean.shape == (1, net.features.channels, *(grid if by_position else (1, 1)))
     if by_position:  # fitted: positions differ (the border's features are not the centre's)
         assert (net.feature_mean.flatten(2).std(-1) > 1e-3).any()
+
+
+def test_principal_directions_give_each_position_its_own_subspace() -> None:
+    gen = torch.Generator().manual_seed(0)
+    c, k, h, w = 12, 3, 2, 3
+    bases = torch.linalg.qr(torch.randn(h, w, c, k, generator=gen))[0]     # a k-dim subspace per position
+    codes = torch.randn(200, h, w, k, generator=gen)
+    data = torch.einsum("nhwk,hwck->nchw", codes, bases)
+    coder = PositionCoder(c, k, (h, w))
+    coder.basis.copy_(principal_directions(data, k))
+    fitted = coder.basis.reshape(h * w, c, k)
+    torch.testing.assert_close(fitted.transpose(1, 2) @ fitted, torch.eye(k).expand(h * w, k, k), atol=1e-5, rtol=0)
+    torch.testing.assert_close(coder(data), data, atol=1e-4, rtol=0)       # good features come back
+    # Position (0, 0)'s good feature placed at (1, 2) is a defect there: another place, another subspace.
+    moved = data[:1].clone()
+    moved[..., 1, 2] = data[:1, :, 0, 0]
+    assert (moved - coder(moved))[..., 1, 2].pow(2).mean() > 0.1 * moved[..., 1, 2].pow(2).mean()
+
+
+def test_per_position_coder_needs_a_bottleneck() -> None:
+    spec = tiny_config("ae-l2", on_features=True, latent_dim=10_000).spec()
+    with pytest.raises(ValueError, match="model.method.latent_dim 10000"):
+        implementation("ae-l2").network(spec)
 
 
 def test_algan_divides_each_position_by_its_spread_on_good_parts(bundles: dict) -> None:

@@ -15,6 +15,7 @@ decoder is ALGAN's pixel generator); the pixel autoencoder is Bergmann et al.'s 
 from __future__ import annotations
 
 import math
+import time
 
 import torch
 import torch.nn.functional as F
@@ -154,18 +155,43 @@ class FeatureCoder(nn.Module):
         return self.net(f)
 
 
+class PositionCoder(nn.Module):
+    """A linear bottleneck of its own at each grid position: the features' projection on that
+    position's ``latent_dim`` principal directions of good features (orthonormal, so the decoder is
+    the encoder's transpose). Fitted in closed form (``principal_directions``), not trained."""
+
+    def __init__(self, channels: int, latent_dim: int, grid: tuple[int, int]) -> None:
+        super().__init__()
+        self.register_buffer("basis", torch.zeros(*grid, channels, latent_dim))
+
+    def forward(self, f: torch.Tensor) -> torch.Tensor:
+        z = torch.einsum("bchw,hwck->bkhw", f, self.basis)
+        return torch.einsum("bkhw,hwck->bchw", z, self.basis)
+
+
+@torch.no_grad()
+def principal_directions(data: torch.Tensor, latent_dim: int) -> torch.Tensor:
+    """Features (N, C, h, w) -> (h, w, C, latent_dim): at each position the top eigenvectors of the
+    features' second moment, the L2 optimum of a linear autoencoder without bias (Baldi and
+    Hornik 1989); centred features (standardised per position) make it that position's PCA."""
+    n, c, h, w = data.shape
+    x = data.permute(2, 3, 0, 1).reshape(h * w, n, c)
+    moment = x.transpose(1, 2) @ x / n
+    _, vectors = torch.linalg.eigh(moment)  # ascending eigenvalues
+    return vectors[..., -latent_dim:].flip(-1).reshape(h, w, c, latent_dim).contiguous()
+
+
 class FeatureAutoencoder(nn.Module):
     """Normalised image -> [standardised backbone features, their reconstruction]."""
 
-    def __init__(self, features: FeatureNet, latent_dim: int, statistics_shape: tuple[int, ...]) -> None:
+    def __init__(self, features: FeatureNet, coder: nn.Module, statistics_shape: tuple[int, ...]) -> None:
         super().__init__()
         self.features = features
-        c = features.channels
         # Mean and spread of good features, per channel or per position too (set by fit): every
         # channel counts alike in the residual, not the loudest ones.
         self.register_buffer("feature_mean", torch.zeros(statistics_shape))
         self.register_buffer("feature_std", torch.ones(statistics_shape))
-        self.coder = FeatureCoder(c, latent_dim)
+        self.coder = coder
 
     def shrink(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised image -> standardised features (the frozen part)."""
@@ -190,7 +216,13 @@ def network(spec: ModelSpec, pretrained: bool = False, weights: str | None = Non
     if settings.on_features:
         features = feature_network(spec, pool=FEATURE_AGGREGATE, pretrained=pretrained, weights=weights)
         shape = features.statistics_shape(spec.input_hw, settings.standardise == "position")
-        return FeatureAutoencoder(features, latent_size(settings, features.channels), shape)
+        latent, channels = latent_size(settings, features.channels), features.channels
+        if settings.coder == "shared":
+            return FeatureAutoencoder(features, FeatureCoder(channels, latent), shape)
+        if latent >= channels:  # the projection would give every feature back: no residual
+            raise ValueError(f"model.method.latent_dim {latent}: coder per-position needs fewer than the "
+                             f"{channels} feature channels of taps {list(spec.taps)}")
+        return FeatureAutoencoder(features, PositionCoder(channels, latent, features.grid(spec.input_hw)), shape)
     return PixelAutoencoder(spec.input_hw, settings.pixel_side, latent_size(settings))
 
 
@@ -281,6 +313,20 @@ def fit(spec: ModelSpec, context: FitContext) -> Fitted:
     def residual(x: torch.Tensor) -> torch.Tensor:
         return head_module([x, engine.reconstruct(x)])
 
+    def criterion() -> float:
+        if validation is not None:
+            return validation.error(residual, context.batch_size, device)
+        total = sum(float(residual(x).mean()) * len(x) for x in batched(held, t.batch_size, device))
+        return total / len(held)
+
+    if isinstance(trained, PositionCoder):  # closed form: no epochs; the criterion is recorded all the same
+        start = time.perf_counter()
+        trained.basis.copy_(principal_directions(data, trained.basis.shape[-1]).to(device))
+        with torch.no_grad():
+            value = criterion()
+        log = {"closed_form": True, "epochs_run": 0, "best_val": value, "fit_s": time.perf_counter() - start}
+        return _fitted(graph, data, data_range, validation is not None, log)
+
     opt = torch.optim.Adam(trained.parameters(), lr=t.lr, weight_decay=1e-5)
 
     def step(x: torch.Tensor) -> dict[str, float]:
@@ -290,18 +336,15 @@ def fit(spec: ModelSpec, context: FitContext) -> Fitted:
         opt.step()
         return {"loss": value.item()}
 
-    def criterion() -> float:
-        if validation is not None:
-            return validation.error(residual, context.batch_size, device)
-        total = sum(float(residual(x).mean()) * len(x) for x in batched(held, t.batch_size, device))
-        return total / len(held)
-
     log = fit_loop({"coder": trained}, data, step, criterion, t.epochs, t.patience, t.batch_size, gen, device,
                    f"{t.kind} training", context.progress, t.max_minutes * 60, t.weight_average)
+    return _fitted(graph, data, data_range, validation is not None, log.to_dict())
+
+
+def _fitted(graph: nn.Module, data: torch.Tensor, data_range: float, synthetic: bool, log: dict) -> Fitted:
     state = {k: v.detach().cpu().contiguous() for k, v in graph.cpu().state_dict().items()}
     return Fitted(network_state=state, head_tensors={"data_range": torch.tensor(data_range)},
-                  info={"samples": len(data), "validation": "synthetic defects" if validation else "loss",
-                        **log.to_dict()})
+                  info={"samples": len(data), "validation": "synthetic defects" if synthetic else "loss", **log})
 
 
 def mirror_and_turn(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
