@@ -7,7 +7,8 @@ head compares the two, as each paper does: the squared error per position (``ae-
 Bergmann et al.; 5 cells on the 8x coarser feature grid). Training loss is the head's own
 residual, so the network learns to make exactly the map that scores it small on good parts.
 Training stops on synthetic defects among held-out good images (engines/validation.py), or on
-the held-out residual when calibration gives none.
+the held-out residual when calibration gives none. The per-position feature coder is not trained:
+its closed-form fit is judged on the same criterion, recorded in the fit info.
 
 ``Encoder``/``Decoder`` (a dense-latent pair) are the GANs' building blocks (``gan``; the
 decoder is ALGAN's pixel generator); the pixel autoencoder is Bergmann et al.'s own network.
