@@ -21,6 +21,7 @@ from calibration.images import TrainImages
 from calibration.settings import ModelConfig
 from conftest import assert_runtime_parity, pipeline, small_model_config
 from engines.methods import FitContext, implementation
+from engines.methods.autoencoder import TRAINING
 from engines.methods.autoencoder.method import (PositionCoder, gaussian_window, l2_residual, principal_directions,
                                                ssim_map, ssim_residual)
 from engines.tiling import TilingConfig
@@ -55,6 +56,8 @@ def tiny_config(method: str, on_features: bool = False, tiled: bool = False, epo
                 "lr": 1e-3 if method.startswith("ae") else 2e-4, **other}
     if method != "gan":  # gan reconstructs pixels only; the others default to their own choice
         settings["on_features"] = on_features
+    if method.startswith("ae") and on_features and settings.get("coder", "per-position") == "per-position":
+        settings = {k: v for k, v in settings.items() if k not in TRAINING}  # closed form: nothing to train
     cfg = small_model_config(settings, input_size=list(SIZE), seed=seed)
     if tiled:
         cfg.tiling = TilingConfig(enabled=True, overlap=0.25)
@@ -189,13 +192,14 @@ def test_bundle_records_method_settings_and_training(bundles: dict, name: str) -
     m = bundles[name].manifest
     _, method, on_features, _, other = BY_NAME[name]
     assert m.method == method
-    assert m.model.input_size == SIZE and m.model.method.epochs == 2 and m.model.method.latent_dim == 32
+    assert m.model.input_size == SIZE and m.model.method.latent_dim == 32
     assert getattr(m.model.method, "on_features", False) == on_features
     assert all(getattr(m.model.method, k) == v for k, v in other.items())
     fit = m.score_stats["fit"]
     if fit.get("closed_form"):  # the per-position feature coder: fitted at once, judged all the same
         assert name == "ae-l2-features" and fit["epochs_run"] == 0 and 0.0 <= fit["best_val"] <= 1.0
     else:
+        assert m.model.method.epochs == 2
         assert 1 <= fit["epochs_run"] <= 2 and len(fit["history"]) == fit["epochs_run"]
     assert m.decision.image_threshold > m.decision.center
     for f in m.files:  # safetensors and ONNX only, no pickle
@@ -233,6 +237,13 @@ def test_per_position_coder_needs_a_bottleneck() -> None:
     spec = tiny_config("ae-l2", on_features=True, latent_dim=10_000).spec()
     with pytest.raises(ValueError, match="model.method.latent_dim 10000"):
         implementation("ae-l2").network(spec)
+
+
+def test_per_position_coder_refuses_training_settings() -> None:
+    with pytest.raises(ValidationError, match="epochs: the per-position coder is fitted in closed form"):
+        ModelConfig(method={"kind": "ae-ssim", "on_features": True, "epochs": 5})
+    assert ModelConfig(method={"kind": "ae-ssim", "on_features": True, "coder": "shared", "epochs": 5}).method.epochs == 5
+    assert ModelConfig(method={"kind": "ae-ssim", "epochs": 5}).method.epochs == 5   # pixels: trained
 
 
 def test_algan_divides_each_position_by_its_spread_on_good_parts(bundles: dict) -> None:

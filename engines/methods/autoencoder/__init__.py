@@ -18,9 +18,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from engines.methods import Side16, STANDARDISE, Standardise, TrainedSettings, plugin
+from engines.settings import SettingError
 
 
 class AutoencoderSettings(TrainedSettings):
@@ -40,6 +41,20 @@ class AutoencoderSettings(TrainedSettings):
                                                                 "is resized to it inside the graph); a multiple of 16")
     augment: bool = Field(True, description="pixels: random mirroring and quarter turns of training images (the "
                                             "MVTec AD paper's augmentation); off for parts with a fixed orientation")
+
+
+    @model_validator(mode="after")
+    def _closed_form_takes_no_training(self) -> "AutoencoderSettings":
+        if self.on_features and self.coder == "per-position":
+            for key in TRAINING:
+                if getattr(self, key) != type(self).model_fields[key].default:
+                    raise SettingError(key, "the per-position coder is fitted in closed form, not trained; "
+                                            "coder: shared trains one")
+        return self
+
+
+# What only training reads: refused where nothing is trained, so that no set key does nothing.
+TRAINING = ("epochs", "patience", "lr", "batch_size", "max_minutes", "weight_average")
 
 
 class AeL2Settings(AutoencoderSettings):
