@@ -42,7 +42,6 @@ class AutoencoderSettings(TrainedSettings):
     augment: bool = Field(True, description="pixels: random mirroring and quarter turns of training images (the "
                                             "MVTec AD paper's augmentation); off for parts with a fixed orientation")
 
-
     @model_validator(mode="after")
     def _closed_form_takes_no_training(self) -> "AutoencoderSettings":
         if self.on_features and self.coder == "per-position":
