@@ -16,10 +16,12 @@ from conftest import pipeline, small_model_config
 from engines.tiling import TilingConfig
 
 SCHEMA = json.loads((Path(__file__).resolve().parents[1] / "agent" / "verdict.schema.json").read_text())
-METHODS = ["padim", "spade", "patchcore", "ae-l2", "ae-ssim", "gan", "algan"]
+METHODS = ["padim", "spade", "patchcore", "ae-l2", "ae-l2-features", "ae-ssim", "gan", "algan"]
 _TRAINED = {"epochs": 1, "batch_size": 8, "latent_dim": 16, "patience": 1}
 QUICK = {"padim": {"dims": 32}, "patchcore": {"coreset_ratio": 0.1}, "spade": {"image_neighbours": 3},
-         **{m: _TRAINED for m in ("ae-l2", "ae-ssim", "gan", "algan")}}
+         **{m: _TRAINED for m in ("ae-l2", "ae-ssim", "gan", "algan")},
+         # the per-position coder: fitted in closed form, so no training keys
+         "ae-l2-features": {"kind": "ae-l2", "on_features": True, "latent_dim": 16}}
 
 
 @pytest.mark.parametrize("tiled", [False, True], ids=["resized", "tiled"])
