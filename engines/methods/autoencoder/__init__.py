@@ -23,6 +23,9 @@ from pydantic import Field, model_validator
 from engines.methods import Side16, STANDARDISE, Standardise, TrainedSettings, plugin
 from engines.settings import SettingError
 
+# What only training reads: refused where nothing is trained, so that no set key does nothing.
+TRAINING = ("epochs", "patience", "lr", "batch_size", "max_minutes", "weight_average")
+
 
 class AutoencoderSettings(TrainedSettings):
     epochs: int = Field(60, ge=1, description="upper bound; training stops earlier on the validation criterion")
@@ -50,10 +53,6 @@ class AutoencoderSettings(TrainedSettings):
                     raise SettingError(key, "the per-position coder is fitted in closed form, not trained; "
                                             "coder: shared trains one")
         return self
-
-
-# What only training reads: refused where nothing is trained, so that no set key does nothing.
-TRAINING = ("epochs", "patience", "lr", "batch_size", "max_minutes", "weight_average")
 
 
 class AeL2Settings(AutoencoderSettings):
